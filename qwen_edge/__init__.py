@@ -1,0 +1,1 @@
+"""qwen-edge: a local chat model that streams its replies over MQTT."""

@@ -1,0 +1,70 @@
+"""Command line: `qwen-edge serve | config | chat`. Thin: parse, load settings, hand over."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-edge", description="Local chat model streaming replies over MQTT."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML settings file (default: /etc/qwen-edge/config.toml if it exists)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    config = sub.add_parser("config", help="print the effective settings (secrets masked)")
+    config.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+
+    chat = sub.add_parser("chat", help="talk to a node from the terminal")
+    chat.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    chat.add_argument("message", nargs="*", help="send this one message, print the reply, exit")
+    chat.add_argument("--node", help="node to talk to (default: this node's node_id)")
+    chat.add_argument("--client-id", default=None, help="client id (default: chat-<user>)")
+    chat.add_argument("--conversation", default="default", help="conversation id")
+    chat.add_argument("--system", default=None, help="system prompt for this conversation")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args.config)
+    except ConfigError as exc:
+        print(f"qwen-edge: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    if args.command == "config":
+        print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
+        return 0
+    if args.command == "chat":
+        from .chat import run_chat
+
+        return run_chat(settings, args)
+
+    from . import logs
+    from .service import Service
+
+    logs.configure(settings.service.log_format, settings.service.log_level)
+    return Service(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Protocol v1 on the wire: topic names, the request schema, and reply-message payloads.
+
+This is the one module that builds or parses topic strings (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Final
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+
+PROTOCOL_VERSION: Final = 1
+ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reasons carried by an `error` message."""
+
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    CONTEXT_OVERFLOW = "context_overflow"
+    FORBIDDEN = "forbidden"
+    BUSY = "busy"
+    DUPLICATE = "duplicate"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+def _utf8_encodable(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"), which are not text and cannot be tokenised.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate") from None
+    return value
+
+
+class ChatRequest(BaseModel):
+    """A request published by a device to {prefix}/{node}/request/{client_id}."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    request_id: Identifier
+    conversation_id: Identifier = "default"
+    message: Annotated[str, StringConstraints(min_length=1)]
+    system: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=5)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    seed: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] | None = None
+    reset: bool = False
+
+    def model_post_init(self, context: Any, /) -> None:
+        _utf8_encodable(self.message)
+        if self.system is not None:
+            _utf8_encodable(self.system)
+
+
+class CancelRequest(BaseModel):
+    """A cancel published to {prefix}/{node}/cancel/{client_id}."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    request_id: Identifier
+
+
+@dataclass(frozen=True, slots=True)
+class RequestError:
+    """A request that cannot be served; where its error goes depends on what could be read."""
+
+    code: ErrorCode
+    message: str
+    request_id: str | None = None
+    conversation_id: str | None = None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"]) or "payload"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def _readable_ids(payload: bytes) -> tuple[str | None, str | None]:
+    """request_id and conversation_id from a payload that failed validation, when they are valid."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    ids: list[str | None] = []
+    for key, default in (("request_id", None), ("conversation_id", "default")):
+        value = data.get(key, default)
+        try:
+            ids.append(_ID_CHECK.validate_python(value))
+        except ValidationError:
+            ids.append(None)
+    return ids[0], ids[1]
+
+
+_ID_CHECK: Final = TypeAdapter(Identifier, config=ConfigDict(strict=True))
+
+
+def parse_request(payload: bytes, max_payload: int) -> ChatRequest | RequestError:
+    """Turn a raw payload into a request or a typed error. Never raises."""
+    if len(payload) > max_payload:
+        return RequestError(
+            ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_payload}"
+        )
+    try:
+        return ChatRequest.model_validate_json(payload)
+    except ValidationError as exc:
+        request_id, conversation_id = _readable_ids(payload)
+        return RequestError(ErrorCode.BAD_REQUEST, _first_error(exc), request_id, conversation_id)
+    except Exception as exc:
+        return RequestError(ErrorCode.BAD_REQUEST, f"unreadable payload: {type(exc).__name__}")
+
+
+def parse_cancel(payload: bytes, max_payload: int) -> CancelRequest | RequestError:
+    """Turn a raw cancel payload into a cancel or a typed error. Never raises."""
+    if len(payload) > max_payload:
+        return RequestError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes")
+    try:
+        return CancelRequest.model_validate_json(payload)
+    except ValidationError as exc:
+        return RequestError(ErrorCode.BAD_REQUEST, _first_error(exc))
+    except Exception as exc:
+        return RequestError(ErrorCode.BAD_REQUEST, f"unreadable payload: {type(exc).__name__}")
+
+
+class TopicKind(StrEnum):
+    REQUEST = "request"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundTopic:
+    kind: TopicKind
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic of one node: {prefix}/{node}/..."""
+
+    prefix: str
+    node: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.node}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        return (f"{self.base}/request/+", f"{self.base}/cancel/+")
+
+    def request(self, client_id: str) -> str:
+        return f"{self.base}/request/{client_id}"
+
+    def cancel(self, client_id: str) -> str:
+        return f"{self.base}/cancel/{client_id}"
+
+    def reply(self, client_id: str, conversation_id: str) -> str:
+        return f"{self.base}/reply/{client_id}/{conversation_id}"
+
+    def reply_namespace(self, client_id: str) -> str:
+        return f"{self.base}/reply/{client_id}/"
+
+    def error(self, client_id: str) -> str:
+        return f"{self.base}/error/{client_id}"
+
+    def parse(self, topic: str) -> InboundTopic | None:
+        """The kind and client id of a topic this node subscribes to, or None."""
+        head, sep, rest = topic.rpartition("/")
+        if not sep or not rest:
+            return None
+        for kind in TopicKind:
+            if head == f"{self.base}/{kind.value}":
+                return InboundTopic(kind, rest)
+        return None
+
+    def allows_response_topic(self, client_id: str, topic: str) -> bool:
+        """An MQTT 5 response topic is honoured only inside the requester's reply namespace."""
+        namespace = self.reply_namespace(client_id)
+        return (
+            topic.startswith(namespace)
+            and len(topic) > len(namespace)
+            and not any(ch in topic for ch in "+#\0")
+            and len(topic.encode("utf-8", "replace")) <= 1024
+        )
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, the encoding of every message the daemon sends."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

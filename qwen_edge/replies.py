@@ -1,0 +1,79 @@
+"""One request's reply stream: start, chunks, then exactly one done or error, numbered by seq."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from .protocol import ErrorCode, FinishReason, encode
+
+# publish(topic, payload, correlation_data); must be safe to call from any thread.
+Publish = Callable[[str, bytes, bytes | None], None]
+
+
+class ReplyStream:
+    """Numbers and sends the messages of one reply. After done/error it sends nothing more."""
+
+    __slots__ = ("_chunk_head", "_correlation", "_publish", "ended", "request_id", "seq", "topic")
+
+    def __init__(
+        self, publish: Publish, topic: str, request_id: str, correlation: bytes | None = None
+    ) -> None:
+        self._publish = publish
+        self.topic = topic
+        self.request_id = request_id
+        self._correlation = correlation
+        self.seq = 0
+        self.ended = False
+        # The chunk message differs only in seq and text: keep its fixed head encoded once.
+        self._chunk_head = b'{"type":"chunk","request_id":%s,"seq":' % json.dumps(
+            request_id
+        ).encode("utf-8")
+
+    def _send(self, payload: bytes) -> None:
+        self.seq += 1
+        self._publish(self.topic, payload, self._correlation)
+
+    def _message(self, kind: str, **fields: Any) -> bytes:
+        return encode({"type": kind, "request_id": self.request_id, "seq": self.seq, **fields})
+
+    def start(self, node: str, model: str) -> None:
+        self._send(self._message("start", node=node, model=model))
+
+    def chunk(self, text: str) -> None:
+        payload = b'%s%d,"text":%s}' % (
+            self._chunk_head,
+            self.seq,
+            json.dumps(text, ensure_ascii=False).encode("utf-8"),
+        )
+        self._send(payload)
+
+    def done(
+        self,
+        finish_reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_ms: float | None,
+        tokens_per_s: float | None,
+    ) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._send(
+            self._message(
+                "done",
+                finish_reason=finish_reason.value,
+                usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                timings={
+                    "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
+                    "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
+                },
+            )
+        )
+
+    def error(self, code: ErrorCode, message: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._send(self._message("error", code=code.value, message=message))

@@ -1,0 +1,347 @@
+"""Slots, a bounded wait queue, cancellation, and the inference loop that decodes them together.
+
+Continuous batching: each decode step carries one token of every generating slot plus prompt
+chunks of slots still reading their prompt, so a new request starts at the next step instead of
+waiting for others to finish. The loop runs on one thread that owns the Engine; other threads
+only call submit(), cancel() and stop().
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import structlog
+
+from .conversations import ContextOverflow, ConversationKey, ConversationStore, fit_prompt
+from .engine import DecodeError, Engine, Row, Sampler, SamplingParams, TextAssembler
+from .protocol import ChatRequest, ErrorCode, FinishReason
+from .replies import ReplyStream
+from .settings import GenerationSettings
+
+log = structlog.get_logger("qwen_edge.scheduler")
+
+IDLE_WAIT = 0.5  # seconds the idle loop sleeps between heartbeats
+
+
+@dataclass(slots=True)
+class Job:
+    """An accepted request, from intake to its done/error."""
+
+    client_id: str
+    request: ChatRequest
+    stream: ReplyStream
+    received: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.client_id, self.request.request_id)
+
+    @property
+    def conversation(self) -> ConversationKey:
+        return (self.client_id, self.request.conversation_id)
+
+
+@dataclass(slots=True)
+class Slot:
+    """One KV sequence of the context and the request decoding in it."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV the sequence holds
+    job: Job | None = None
+    prompt: list[int] = field(default_factory=list)
+    fed: int = 0  # prompt tokens evaluated so far
+    next_token: int = -1  # sampled, not yet evaluated
+    sampler: Sampler | None = None
+    text: TextAssembler | None = None
+    reply: list[str] = field(default_factory=list)
+    generated: int = 0
+    max_tokens: int = 0
+    reused: int = 0
+    system: str | None = None
+    dropped: int = 0
+    first_token_at: float | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        store: ConversationStore,
+        generation: GenerationSettings,
+        queue_size: int,
+        node: str,
+        model_name: str,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._gen = generation
+        self._queue_size = queue_size
+        self._node = node
+        self._model_name = model_name
+        self._slots = [Slot(seq=i) for i in range(engine.slots)]
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[tuple[str, str], Job] = {}  # every accepted, unfinished job
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._drain_deadline = float("inf")
+        self.heartbeat = time.monotonic()
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def submit(self, job: Job) -> ErrorCode | None:
+        """Accept a job, or say why not (busy, shutting down). A duplicate of a job still in
+        flight (a QoS 1 redelivery) is dropped: the original stream answers it."""
+        with self._lock:
+            if self._closing:
+                return ErrorCode.SHUTTING_DOWN
+            if job.key in self._jobs:
+                return ErrorCode.DUPLICATE
+            free = sum(1 for s in self._slots if s.job is None)
+            if len(self._waiting) >= self._queue_size + free:
+                return ErrorCode.BUSY
+            self._jobs[job.key] = job
+            self._waiting.append(job)
+            self._wake.notify()
+        return None
+
+    def cancel(self, client_id: str, request_id: str) -> bool:
+        """Ask the loop to end a client's job; takes effect before the next decode step."""
+        with self._lock:
+            job = self._jobs.get((client_id, request_id))
+            if job is None:
+                return False
+            job.cancelled = True
+            self._wake.notify()
+        return True
+
+    def stop(self, drain_timeout: float) -> None:
+        """Refuse new jobs; let running ones finish for up to `drain_timeout` seconds."""
+        with self._lock:
+            self._closing = True
+            self._drain_deadline = time.monotonic() + drain_timeout
+            self._wake.notify()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active slots, waiting jobs), read without locking for status reports."""
+        return sum(1 for s in self._slots if s.job is not None), len(self._waiting)
+
+    # -- the inference thread ------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            self._admit()
+            active = [s for s in self._slots if s.job is not None]
+            if self._closing and self.heartbeat >= self._drain_deadline:
+                for slot in active:
+                    assert slot.job is not None
+                    slot.job.cancelled = True
+            for slot in active:
+                assert slot.job is not None
+                if slot.job.cancelled:
+                    self._finish(slot, FinishReason.CANCELLED)
+            active = [s for s in active if s.job is not None]
+            if not active:
+                with self._lock:
+                    if self._closing and not self._waiting:
+                        return
+                    if not self._waiting:
+                        self._wake.wait(IDLE_WAIT)
+                continue
+            self._step(active)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                free = [s for s in self._slots if s.job is None]
+                if not self._waiting or not (free or self._closing):
+                    return
+                job = self._waiting.popleft()
+                closing = self._closing
+            if closing:
+                self._end_with_error(job, ErrorCode.SHUTTING_DOWN, "the node is stopping")
+            else:
+                self._start(job, free)
+
+    def _start(self, job: Job, free: list[Slot]) -> None:
+        req = job.request
+        job.stream.start(self._node, self._model_name)
+        if job.cancelled:
+            self._end(job)
+            job.stream.done(FinishReason.CANCELLED, 0, 0, None, None)
+            return
+        max_tokens = min(req.max_tokens or self._gen.max_tokens, self._gen.max_tokens_limit)
+        conversation = self._store.get(job.conversation, reset=req.reset)
+        system = req.system if req.system is not None else conversation.system
+        reserve = min(max_tokens, self._engine.n_ctx_seq // 4)
+        try:
+            prompt, dropped = fit_prompt(
+                system,
+                conversation.turns,
+                req.message,
+                self._engine.chat_prompt,
+                self._engine.n_ctx_seq - reserve,
+            )
+        except ContextOverflow as exc:
+            self._end_with_error(job, ErrorCode.CONTEXT_OVERFLOW, str(exc))
+            return
+        except Exception as exc:  # a template that refuses the messages, for instance
+            log.exception("prompt_failed", request_id=req.request_id)
+            self._end_with_error(job, ErrorCode.INTERNAL, f"could not build the prompt: {exc}")
+            return
+
+        slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+        # Keep the KV of the longest shared prefix; at least one token must be evaluated for logits.
+        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        self._engine.forget(slot.seq, keep)
+        del slot.cached[keep:]
+
+        temperature = self._gen.temperature if req.temperature is None else req.temperature
+        slot.sampler = Sampler(
+            SamplingParams(
+                temperature=temperature,
+                top_p=self._gen.top_p if req.top_p is None else req.top_p,
+                top_k=self._gen.top_k if req.top_k is None else req.top_k,
+                min_p=self._gen.min_p,
+                repeat_penalty=self._gen.repeat_penalty,
+                repeat_last_n=self._gen.repeat_last_n,
+                seed=random.getrandbits(32) if req.seed is None else req.seed,
+            )
+        )
+        slot.job = job
+        slot.prompt = prompt
+        slot.fed = keep
+        slot.reused = keep
+        slot.next_token = -1
+        slot.text = TextAssembler()
+        slot.reply = []
+        slot.generated = 0
+        slot.max_tokens = max_tokens
+        slot.system = system
+        slot.dropped = dropped
+        slot.first_token_at = None
+
+    def _step(self, active: list[Slot]) -> None:
+        budget = self._engine.n_batch
+        rows: list[Row] = []
+        stepped: list[Slot] = []
+        for slot in active:  # generating slots first: one token each keeps streams flowing
+            if slot.next_token >= 0:
+                rows.append(Row(slot.seq, (slot.next_token,), len(slot.cached), True))
+                stepped.append(slot)
+                budget -= 1
+        for slot in active:
+            if slot.next_token < 0 and budget > 0:
+                chunk = slot.prompt[slot.fed : slot.fed + budget]
+                last = slot.fed + len(chunk) == len(slot.prompt)
+                rows.append(Row(slot.seq, chunk, slot.fed, last))
+                stepped.append(slot)
+                budget -= len(chunk)
+        try:
+            indices = self._engine.decode(rows)
+        except DecodeError as exc:
+            log.error("decode_failed", error=str(exc), rows=len(rows))
+            for slot in stepped:
+                self._fail(slot, ErrorCode.INTERNAL, "the model failed to decode")
+            return
+        for slot, row, index in zip(stepped, rows, indices, strict=True):
+            slot.cached.extend(row.tokens)
+            if slot.next_token < 0:
+                slot.fed += len(row.tokens)
+            if index >= 0:
+                self._advance(slot, index)
+
+    def _advance(self, slot: Slot, index: int) -> None:
+        """Sample the slot's next token and publish whatever complete text it yields."""
+        assert slot.sampler is not None and slot.text is not None and slot.job is not None
+        token = slot.sampler.sample(self._engine.ctx, index)
+        if slot.first_token_at is None:
+            slot.first_token_at = time.monotonic()
+        if self._engine.is_end(token):
+            self._finish(slot, FinishReason.STOP)
+            return
+        slot.generated += 1
+        text = slot.text.push(self._engine.piece(token))
+        if text:
+            slot.reply.append(text)
+            slot.job.stream.chunk(text)
+        if slot.generated >= slot.max_tokens or len(slot.cached) + 1 >= self._engine.n_ctx_seq:
+            self._finish(slot, FinishReason.LENGTH)
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: Slot, reason: FinishReason) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        tail = slot.text.flush()
+        if tail:
+            slot.reply.append(tail)
+            job.stream.chunk(tail)
+        now = time.monotonic()
+        ttft_ms = (slot.first_token_at - job.received) * 1000 if slot.first_token_at else None
+        decode_s = now - slot.first_token_at if slot.first_token_at else 0.0
+        tokens_per_s = (slot.generated - 1) / decode_s if slot.generated > 1 and decode_s else None
+        reply = "".join(slot.reply)
+        self._store.record(job.conversation, slot.system, slot.dropped, job.request.message, reply)
+        job.stream.done(reason, len(slot.prompt), slot.generated, ttft_ms, tokens_per_s)
+        log.info(
+            "request_done",
+            request_id=job.request.request_id,
+            client_id=job.client_id,
+            conversation_id=job.request.conversation_id,
+            finish_reason=reason.value,
+            prompt_tokens=len(slot.prompt),
+            reused_tokens=slot.reused,
+            completion_tokens=slot.generated,
+            ttft_ms=None if ttft_ms is None else round(ttft_ms, 1),
+            tokens_per_s=None if tokens_per_s is None else round(tokens_per_s, 1),
+        )
+        self._release(slot)
+
+    def _fail(self, slot: Slot, code: ErrorCode, message: str) -> None:
+        assert slot.job is not None
+        self._end_with_error(slot.job, code, message)
+        self._engine.forget(slot.seq)
+        slot.cached.clear()
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            slot.sampler.close()
+        if slot.job is not None:
+            self._end(slot.job)
+        slot.job = None
+        slot.sampler = None
+        slot.text = None
+        slot.next_token = -1
+
+    def _end_with_error(self, job: Job, code: ErrorCode, message: str) -> None:
+        job.stream.error(code, message)
+        log.info(
+            "request_failed",
+            request_id=job.request.request_id,
+            client_id=job.client_id,
+            code=code.value,
+            error=message,
+        )
+        self._end(job)
+
+    def _end(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.key, None)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,262 @@
+"""Wires the parts and runs the node's life: load, connect, serve, drain, stop.
+
+Start: validate and load the model -> connect -> subscribe -> READY=1.
+Stop (SIGTERM/SIGINT): STOPPING=1 -> stop intake -> finish or cancel in-flight replies -> publish
+offline -> disconnect -> exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
+
+import structlog
+
+from . import systemd_notify
+from .conversations import ConversationStore
+from .engine import Engine, ModelError
+from .mqtt import Inbound, MqttLink
+from .protocol import (
+    ErrorCode,
+    RequestError,
+    TopicKind,
+    Topics,
+    encode,
+    parse_cancel,
+    parse_request,
+)
+from .replies import ReplyStream
+from .scheduler import Job, Scheduler
+from .settings import Settings
+
+log = structlog.get_logger("qwen_edge.service")
+
+EXIT_OK = 0
+EXIT_MODEL = 3  # systemd: RestartPreventExitStatus=3, a bad model file will not get better
+
+
+def package_version() -> str:
+    try:
+        return version("qwen-edge")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix, settings.node_id)
+        self.model_name = settings.model.display_name
+        self.version = package_version()
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._scheduler: Scheduler | None = None
+        self._link: MqttLink | None = None
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _status(self, state: str, **extra: object) -> bytes:
+        return encode(
+            {
+                "state": state,
+                "node": self.settings.node_id,
+                "model": self.model_name,
+                "version": self.version,
+                "protocol": 1,
+                **extra,
+            }
+        )
+
+    def _on_connected(self) -> None:
+        # Every (re)connect: announce that this node serves. The will covers unclean loss.
+        assert self._link is not None
+        if not self._stop.is_set():
+            self._link.publish_status(
+                self._status("online", slots=self.settings.model.slots, pid=os.getpid())
+            )
+
+    # -- intake (paho network thread) ----------------------------------------------------------
+
+    def _on_message(self, msg: Inbound) -> None:
+        inbound = self.topics.parse(msg.topic)
+        if inbound is None:
+            return
+        if inbound.kind is TopicKind.CANCEL:
+            self._on_cancel(inbound.client_id, msg.payload)
+        else:
+            self._on_request(inbound.client_id, msg)
+
+    def _on_cancel(self, client_id: str, payload: bytes) -> None:
+        assert self._scheduler is not None
+        cancel = parse_cancel(payload, self.settings.mqtt.max_payload)
+        if isinstance(cancel, RequestError):
+            self._send_error(client_id, cancel, None)
+            return
+        found = self._scheduler.cancel(client_id, cancel.request_id)
+        log.info("cancel", client_id=client_id, request_id=cancel.request_id, found=found)
+
+    def _on_request(self, client_id: str, msg: Inbound) -> None:
+        assert self._scheduler is not None and self._link is not None
+        parsed = parse_request(msg.payload, self.settings.mqtt.max_payload)
+        if isinstance(parsed, RequestError):
+            self._send_error(client_id, parsed, msg)
+            return
+        topic = self.topics.reply(client_id, parsed.conversation_id)
+        correlation = None
+        if msg.response_topic is not None:
+            if not self.topics.allows_response_topic(client_id, msg.response_topic):
+                refusal = RequestError(
+                    ErrorCode.FORBIDDEN,
+                    f"response topic must lie under {self.topics.reply_namespace(client_id)}",
+                    parsed.request_id,
+                    parsed.conversation_id,
+                )
+                self._send_error(client_id, refusal, None)
+                return
+            topic, correlation = msg.response_topic, msg.correlation
+        stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
+        refused = self._scheduler.submit(Job(client_id, parsed, stream))
+        if refused is ErrorCode.DUPLICATE:
+            log.info("duplicate_ignored", client_id=client_id, request_id=parsed.request_id)
+        elif refused is not None:
+            message = {
+                ErrorCode.BUSY: "all slots and the wait queue are full; retry later",
+                ErrorCode.SHUTTING_DOWN: "the node is stopping",
+            }.get(refused, refused.value)
+            stream.error(refused, message)
+            log.info("request_refused", client_id=client_id, code=refused.value)
+
+    def _send_error(self, client_id: str, error: RequestError, msg: Inbound | None) -> None:
+        """An error for a request that never became a job: on its reply topic when we know it,
+        else on the client's error topic."""
+        assert self._link is not None
+        correlation = None
+        if error.request_id is not None and error.conversation_id is not None:
+            topic = self.topics.reply(client_id, error.conversation_id)
+            if (
+                msg is not None
+                and msg.response_topic is not None
+                and (self.topics.allows_response_topic(client_id, msg.response_topic))
+            ):
+                topic, correlation = msg.response_topic, msg.correlation
+        else:
+            topic = self.topics.error(client_id)
+        stream = ReplyStream(self._link.publish, topic, error.request_id or "", correlation)
+        if error.request_id is None:
+            self._link.publish(
+                topic,
+                encode(
+                    {
+                        "type": "error",
+                        "request_id": None,
+                        "seq": 0,
+                        "code": error.code.value,
+                        "message": error.message,
+                    }
+                ),
+            )
+        else:
+            stream.error(error.code, error.message)
+        log.info(
+            "request_rejected", client_id=client_id, code=error.code.value, error=error.message
+        )
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        s = self.settings
+
+        systemd_notify.notify("STATUS=loading model")
+        began = time.monotonic()
+        try:
+            engine = Engine(s.model)
+        except ModelError as exc:
+            log.error("model_unusable", error=str(exc))
+            systemd_notify.notify(f"STATUS=model unusable: {exc}")
+            return EXIT_MODEL
+        log.info(
+            "model_loaded",
+            model=self.model_name,
+            path=str(s.model.path),
+            seconds=round(time.monotonic() - began, 2),
+            slots=engine.slots,
+            n_ctx_seq=engine.n_ctx_seq,
+            threads=engine.threads,
+        )
+
+        store = ConversationStore(s.conversations.max_conversations, s.conversations.idle_ttl)
+        scheduler = Scheduler(
+            engine,
+            store=store,
+            generation=s.generation,
+            queue_size=s.model.queue_size,
+            node=s.node_id,
+            model_name=self.model_name,
+        )
+        self._scheduler = scheduler
+        inference = threading.Thread(target=scheduler.run, name="inference")
+        inference.start()
+
+        self._link = MqttLink(
+            s.mqtt,
+            client_id=s.mqtt.client_id or f"qwen-edge-{s.node_id}",
+            subscriptions=self.topics.subscriptions,
+            status_topic=self.topics.status,
+            will_payload=self._status("offline", reason="connection lost"),
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+        )
+        watchdog = threading.Thread(target=self._watchdog, args=(scheduler,), name="watchdog")
+        watchdog.start()
+
+        systemd_notify.notify(f"STATUS=connecting to {s.mqtt.host}:{s.mqtt.port}")
+        began = time.monotonic()
+        self._link.start()
+        while not self._link.connected.wait(0.2):
+            if self._stop.is_set():
+                break
+        if not self._stop.is_set():
+            log.info("ready", seconds_to_connect=round(time.monotonic() - began, 2))
+            systemd_notify.notify(
+                "READY=1", f"STATUS=serving {self.model_name} on {self.topics.base}"
+            )
+        self._stop.wait()
+        self._shutdown(scheduler, inference, engine)
+        watchdog.join()
+        return EXIT_OK
+
+    def _shutdown(self, scheduler: Scheduler, inference: threading.Thread, engine: Engine) -> None:
+        assert self._link is not None
+        began = time.monotonic()
+        systemd_notify.notify("STOPPING=1", "STATUS=draining")
+        log.info("stopping")
+        self._link.close_intake()
+        scheduler.stop(self.settings.service.drain_timeout)
+        inference.join()
+        self._link.wait_flushed(timeout=5.0)
+        self._link.stop(self._status("offline", reason="stopped"))
+        engine.close()
+        log.info("stopped", seconds=round(time.monotonic() - began, 2))
+
+    def _watchdog(self, scheduler: Scheduler) -> None:
+        """Ping systemd while the inference loop is alive; go quiet when it is stuck."""
+        interval = systemd_notify.watchdog_interval()
+        stall = self.settings.service.watchdog_stall
+        period = interval if interval is not None else 1.0
+        while not self._stop.wait(period):
+            stuck_for = time.monotonic() - scheduler.heartbeat
+            if stuck_for > stall:
+                log.error("inference_stuck", seconds=round(stuck_for, 1))
+                systemd_notify.notify(f"STATUS=inference loop stuck for {stuck_for:.0f}s")
+                continue
+            if interval is not None:
+                systemd_notify.notify("WATCHDOG=1")
