@@ -75,7 +75,7 @@ class Sampler:
 
     __slots__ = ("_chain",)
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
         if params.temperature == 0:
@@ -86,7 +86,7 @@ class Sampler:
                 add(
                     chain,
                     llama_cpp.llama_sampler_init_penalties(
-                        params.repeat_last_n, params.repeat_penalty, 0.0, 0.0
+                        n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0
                     ),
                 )
             if params.top_k > 0:
@@ -164,6 +164,7 @@ class Engine:
             raise ModelError(f"model file {settings.path}: llama.cpp could not load it")
         self._model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.slots = settings.slots
         self.n_batch = settings.n_batch
 

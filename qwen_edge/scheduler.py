@@ -136,27 +136,41 @@ class Scheduler:
     # -- the inference thread ------------------------------------------------------------------
 
     def run(self) -> None:
+        """The inference loop. An unexpected fault ends the jobs it touched with `internal`
+        and the loop goes on."""
         while True:
-            self.heartbeat = time.monotonic()
-            self._admit()
-            active = [s for s in self._slots if s.job is not None]
-            if self._closing and self.heartbeat >= self._drain_deadline:
-                for slot in active:
-                    assert slot.job is not None
-                    slot.job.cancelled = True
+            try:
+                if self._iterate():
+                    return
+            except Exception:
+                log.exception("inference_fault")
+                for slot in self._slots:
+                    if slot.job is not None:
+                        self._fail(slot, ErrorCode.INTERNAL, "internal error in the model loop")
+
+    def _iterate(self) -> bool:
+        """One pass: admit, cancel, decode a step. True when stopped and drained."""
+        self.heartbeat = time.monotonic()
+        self._admit()
+        active = [s for s in self._slots if s.job is not None]
+        if self._closing and self.heartbeat >= self._drain_deadline:
             for slot in active:
                 assert slot.job is not None
-                if slot.job.cancelled:
-                    self._finish(slot, FinishReason.CANCELLED)
-            active = [s for s in active if s.job is not None]
-            if not active:
-                with self._lock:
-                    if self._closing and not self._waiting:
-                        return
-                    if not self._waiting:
-                        self._wake.wait(IDLE_WAIT)
-                continue
-            self._step(active)
+                slot.job.cancelled = True
+        for slot in active:
+            assert slot.job is not None
+            if slot.job.cancelled:
+                self._finish(slot, FinishReason.CANCELLED)
+        active = [s for s in active if s.job is not None]
+        if not active:
+            with self._lock:
+                if self._closing and not self._waiting:
+                    return True
+                if not self._waiting:
+                    self._wake.wait(IDLE_WAIT)
+            return False
+        self._step(active)
+        return False
 
     def _admit(self) -> None:
         while True:
@@ -169,7 +183,15 @@ class Scheduler:
             if closing:
                 self._end_with_error(job, ErrorCode.SHUTTING_DOWN, "the node is stopping")
             else:
-                self._start(job, free)
+                try:
+                    self._start(job, free)
+                except Exception:
+                    log.exception("start_failed", request_id=job.request.request_id)
+                    slot = next((s for s in self._slots if s.job is job), None)
+                    if slot is not None:
+                        self._fail(slot, ErrorCode.INTERNAL, "internal error starting the reply")
+                    else:
+                        self._end_with_error(job, ErrorCode.INTERNAL, "internal error")
 
     def _start(self, job: Job, free: list[Slot]) -> None:
         req = job.request
@@ -214,7 +236,8 @@ class Scheduler:
                 repeat_penalty=self._gen.repeat_penalty,
                 repeat_last_n=self._gen.repeat_last_n,
                 seed=random.getrandbits(32) if req.seed is None else req.seed,
-            )
+            ),
+            self._engine.n_vocab,
         )
         slot.job = job
         slot.prompt = prompt
