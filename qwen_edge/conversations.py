@@ -92,6 +92,7 @@ class ConversationStore:
         conversation = None if reset else self._items.get(key)
         if conversation is None:
             conversation = Conversation(last_used=now)
+            self._items.pop(key, None)  # a reset one goes to the young end, like a new one
             self._items[key] = conversation
             while len(self._items) > self._max:
                 self._items.popitem(last=False)

@@ -60,7 +60,6 @@ class MqttLink:
         self._on_connected_cb = on_connected
         self.v5 = settings.protocol == "5"
         self.connected = threading.Event()
-        self._intake_open = True
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -68,7 +67,6 @@ class MqttLink:
             protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
             clean_session=None if self.v5 else False,
         )
-        client.enable_logger(None)
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else None
             client.username_pw_set(settings.username, password)
@@ -100,12 +98,6 @@ class MqttLink:
             properties=properties,
         )
         self._client.loop_start()
-
-    def close_intake(self) -> None:
-        """Stop taking requests: unsubscribe, and drop whatever is still delivered."""
-        self._intake_open = False
-        if self.connected.is_set():
-            self._client.unsubscribe(list(self._subscriptions))
 
     def stop(self, final_status: bytes, timeout: float = 5.0) -> None:
         """Publish the final retained status, wait for queued messages, disconnect."""
@@ -161,8 +153,7 @@ class MqttLink:
             port=self._settings.port,
             session_present=flags.session_present,
         )
-        if self._intake_open:
-            client.subscribe([(topic, 1) for topic in self._subscriptions])
+        client.subscribe([(topic, 1) for topic in self._subscriptions])
         self.connected.set()
         if self._on_connected_cb is not None:
             self._on_connected_cb()
@@ -181,8 +172,6 @@ class MqttLink:
             log.warning("broker_disconnected", reason=str(reason_code))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if not self._intake_open:
-            return
         try:
             props = msg.properties
             response_topic = getattr(props, "ResponseTopic", None) if props else None

@@ -39,9 +39,13 @@ class ReplyStream:
         return encode({"type": kind, "request_id": self.request_id, "seq": self.seq, **fields})
 
     def start(self, node: str, model: str) -> None:
+        if self.ended:
+            return
         self._send(self._message("start", node=node, model=model))
 
     def chunk(self, text: str) -> None:
+        if self.ended:
+            return
         payload = b'%s%d,"text":%s}' % (
             self._chunk_head,
             self.seq,

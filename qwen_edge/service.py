@@ -239,7 +239,8 @@ class Service:
         began = time.monotonic()
         systemd_notify.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping")
-        self._link.close_intake()
+        # The subscriptions stay in the broker session, so requests sent while the node is down
+        # wait for its return; requests that arrive during the drain get `shutting_down`.
         scheduler.stop(self.settings.service.drain_timeout)
         inference.join()
         self._link.wait_flushed(timeout=5.0)

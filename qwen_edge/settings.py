@@ -7,15 +7,17 @@ that works on a Raspberry Pi with 2 GB of memory.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -25,13 +27,18 @@ DEFAULT_CONFIG_FILE = Path("/etc/qwen-edge/config.toml")
 _TOPIC_LEVEL_FORBIDDEN = frozenset("/+#\0")
 
 
+class _Section(BaseModel):
+    # A misspelt key in a table must be an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
 def _check_topic_level(value: str, what: str) -> str:
     if not value or any(ch in _TOPIC_LEVEL_FORBIDDEN for ch in value):
         raise ValueError(f"{what} must be a non-empty MQTT topic level without '/', '+', '#'")
     return value
 
 
-class MqttSettings(BaseModel):
+class MqttSettings(_Section):
     """How to reach the broker."""
 
     host: str = Field("127.0.0.1", description="Broker host name or address.")
@@ -56,7 +63,7 @@ class MqttSettings(BaseModel):
     )
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     """Which GGUF model to run and how."""
 
     path: Path = Field(
@@ -87,7 +94,7 @@ class ModelSettings(BaseModel):
         return self.name or self.path.name.removesuffix(".gguf")
 
 
-class GenerationSettings(BaseModel):
+class GenerationSettings(_Section):
     """Defaults for requests that do not say otherwise (Qwen2.5's recommended sampling)."""
 
     max_tokens: int = Field(512, ge=1, description="Default reply length limit (tokens).")
@@ -104,7 +111,7 @@ class GenerationSettings(BaseModel):
     repeat_last_n: int = Field(64, ge=0, description="Tokens the repetition penalty looks back.")
 
 
-class ConversationSettings(BaseModel):
+class ConversationSettings(_Section):
     """Bounds on remembered chat history."""
 
     max_conversations: int = Field(
@@ -115,7 +122,7 @@ class ConversationSettings(BaseModel):
     )
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(_Section):
     """Process life cycle."""
 
     drain_timeout: float = Field(
@@ -204,6 +211,10 @@ def load_settings(config_file: Path | None = None) -> Settings:
         return Settings()
     except ValidationError as exc:
         raise ConfigError(_describe(exc, config_file)) from None
+    except SettingsError as exc:  # a QWEN_EDGE_<SECTION> variable that is not valid JSON
+        match = re.search(r'field "([^"]+)"', str(exc))
+        name = match.group(1).upper() if match else "?"
+        raise ConfigError(f"invalid setting QWEN_EDGE_{name}: not valid JSON") from None
     except (ValueError, OSError) as exc:  # e.g. TOML syntax errors
         raise ConfigError(f"config file {config_file}: {exc}") from None
 
@@ -212,7 +223,8 @@ def _describe(exc: ValidationError, config_file: Path | None) -> str:
     first = exc.errors()[0]
     path = [str(p) for p in first["loc"]]
     env_name = "QWEN_EDGE_" + "__".join(p.upper() for p in path)
-    where = f" (or [{'.'.join(path[:-1])}] {path[-1]} in {config_file})" if config_file else ""
+    table = f"[{'.'.join(path[:-1])}] " if len(path) > 1 else ""
+    where = f" (or {table}{path[-1]} in {config_file})" if config_file else ""
     more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
     value = os.environ.get(env_name)
     shown = f" (got {value!r})" if value is not None and "PASSWORD" not in env_name else ""

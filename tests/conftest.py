@@ -64,6 +64,9 @@ class Broker:
         self.conf.write_text(
             base_conf.read_text()
             + f"\nlistener {self.port} 127.0.0.1\npersistence_location {workdir}/\n"
+            # Started as root, mosquitto drops to user "mosquitto", which cannot write the
+            # persistence file into pytest's private temporary directory.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -239,7 +242,9 @@ class Probe:
 
     def publish(self, topic: str, payload: bytes | str, props: Properties | None = None) -> None:
         data = payload.encode() if isinstance(payload, str) else payload
-        self.client.publish(topic, data, qos=1, properties=props).wait_for_publish(5)
+        info = self.client.publish(topic, data, qos=1, properties=props)
+        if info.rc == paho.MQTT_ERR_SUCCESS:  # else paho queues it until it reconnects
+            info.wait_for_publish(5)
 
     def request(self, message: str = "Hello", node: str = NODE, **fields: Any) -> str:
         rid = fields.pop("request_id", uuid.uuid4().hex[:12])
@@ -250,9 +255,30 @@ class Probe:
     def reply_topic(self, conversation: str = "default", node: str = NODE) -> str:
         return f"{PREFIX}/{node}/reply/{self.client_id}/{conversation}"
 
-    def collect(self, request_id: str | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
-        """Messages of one reply (deduplicated by seq) up to and including done/error."""
-        got: dict[int, dict[str, Any]] = {}
+    def until(self, request_id: str, min_seq: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Read a reply's messages until one has seq >= min_seq; returns what was read."""
+        read: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while not read or read[-1].get("seq", -1) < min_seq:
+            _, data, _ = self.messages.get(timeout=max(deadline - time.monotonic(), 0.01))
+            if data.get("request_id") == request_id:
+                read.append(data)
+                if data.get("type") in ("done", "error"):
+                    break
+        return read
+
+    def collect(
+        self,
+        request_id: str | None = None,
+        timeout: float = 60.0,
+        before: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Messages of one reply (deduplicated by seq) up to and including done/error;
+        `before` holds messages of it already read."""
+        before = before or []
+        got: dict[int, dict[str, Any]] = {m["seq"]: m for m in before}
+        if before and before[-1].get("type") in ("done", "error"):
+            return [got[k] for k in sorted(got)]
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()

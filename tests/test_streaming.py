@@ -135,7 +135,7 @@ def test_conversations_of_different_clients_are_separate(probe_factory: Any) -> 
     assert m1[-1]["usage"]["prompt_tokens"] == a1[-1]["usage"]["prompt_tokens"]
     # And alice's stream never showed up on mallory's topic.
     while not mallory.messages.empty():
-        topic, data, _ = mallory.messages.get_nowait()
+        _topic, data, _ = mallory.messages.get_nowait()
         assert data.get("request_id") != a1[0]["request_id"]
 
 
@@ -272,7 +272,7 @@ def test_response_topic_outside_namespace_is_refused(probe_factory: Any) -> None
 def test_status_is_retained_online(probe_factory: Any) -> None:
     dev = probe_factory("watcher")
     dev.subscribe(f"{PREFIX}/{NODE}/status")
-    topic, data, _ = dev.next_message(timeout=5)
+    _topic, data, _ = dev.next_message(timeout=5)
     assert data["state"] == "online"
     assert data["model"] == "SmolLM2-135M-Instruct.Q4_1"
     assert data["version"]

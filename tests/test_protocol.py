@@ -1,0 +1,635 @@
+"""Protocol v1: topic names and the parsing of request/cancel payloads (no broker, no model)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from qwen_edge.protocol import (
+    ID_PATTERN,
+    CancelRequest,
+    ChatRequest,
+    ErrorCode,
+    InboundTopic,
+    RequestError,
+    TopicKind,
+    Topics,
+    encode,
+    parse_cancel,
+    parse_request,
+)
+
+LIMIT = 65536
+BIG = 64 * 1024 * 1024
+TOPICS = Topics("qwen-edge", "node1")
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def payload(**fields: Any) -> bytes:
+    return json.dumps(fields).encode("utf-8")
+
+
+_MISSING: Any = object()
+
+
+def request(**overrides: Any) -> bytes:
+    """A valid request with some fields changed; _MISSING leaves a field out."""
+    fields: dict[str, Any] = {"request_id": "r1", "message": "Hello"}
+    fields.update(overrides)
+    return payload(**{k: v for k, v in fields.items() if v is not _MISSING})
+
+
+def bad(raw: bytes, max_payload: int = LIMIT) -> RequestError:
+    result = parse_request(raw, max_payload)
+    assert isinstance(result, RequestError), result
+    return result
+
+
+def assert_well_formed(result: object) -> None:
+    """What every parse outcome must look like, whatever the input."""
+    assert isinstance(result, ChatRequest | CancelRequest | RequestError)
+    if isinstance(result, RequestError):
+        assert isinstance(result.code, ErrorCode)
+        assert result.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
+        assert isinstance(result.message, str)
+        assert result.message
+        for ident in (result.request_id, result.conversation_id):
+            assert ident is None or re.fullmatch(ID_PATTERN, ident)
+    elif isinstance(result, ChatRequest):
+        assert result.message
+        result.message.encode("utf-8")
+        if result.system is not None:
+            result.system.encode("utf-8")
+
+
+# -- topics ------------------------------------------------------------------------------------
+
+
+def test_topic_names_follow_prefix_and_node() -> None:
+    assert TOPICS.base == "qwen-edge/node1"
+    assert TOPICS.status == "qwen-edge/node1/status"
+    assert TOPICS.request("dev1") == "qwen-edge/node1/request/dev1"
+    assert TOPICS.cancel("dev1") == "qwen-edge/node1/cancel/dev1"
+    assert TOPICS.reply("dev1", "conv-7") == "qwen-edge/node1/reply/dev1/conv-7"
+    assert TOPICS.reply_namespace("dev1") == "qwen-edge/node1/reply/dev1/"
+    assert TOPICS.error("dev1") == "qwen-edge/node1/error/dev1"
+
+
+def test_subscriptions_cover_request_and_cancel_of_any_client() -> None:
+    assert set(TOPICS.subscriptions) == {
+        "qwen-edge/node1/request/+",
+        "qwen-edge/node1/cancel/+",
+    }
+
+
+def test_request_and_cancel_topics_parse_to_kind_and_client() -> None:
+    assert TOPICS.parse("qwen-edge/node1/request/dev1") == InboundTopic(TopicKind.REQUEST, "dev1")
+    assert TOPICS.parse("qwen-edge/node1/cancel/dev-2") == InboundTopic(TopicKind.CANCEL, "dev-2")
+
+
+def test_multi_level_prefix_parses() -> None:
+    topics = Topics("site/a", "n")
+    assert topics.parse("site/a/n/request/c") == InboundTopic(TopicKind.REQUEST, "c")
+    assert topics.parse("site/n/request/c") is None
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "qwen-edge/node2/request/dev1",  # another node
+        "qwen-edge/node/request/dev1",  # a node whose name is a prefix of ours
+        "qwen-edge/node1x/request/dev1",
+        "other/node1/request/dev1",  # another prefix
+        "qwen-edgeX/node1/request/dev1",
+        "x/qwen-edge/node1/request/dev1",
+        "/qwen-edge/node1/request/dev1",
+        "qwen-edge/node1/request/dev1/extra",  # extra level
+        "qwen-edge/node1/cancel/dev1/extra",
+        "qwen-edge/node1/request/",  # empty client id
+        "qwen-edge/node1/request",
+        "qwen-edge/node1/reply/dev1",  # not an inbound kind
+        "qwen-edge/node1/reply/dev1/default",
+        "qwen-edge/node1/error/dev1",
+        "qwen-edge/node1/status",
+        "qwen-edge/node1/requests/dev1",
+        "",
+        "dev1",
+    ],
+)
+def test_topics_of_other_nodes_prefixes_or_shapes_do_not_parse(topic: str) -> None:
+    assert TOPICS.parse(topic) is None
+
+
+@FUZZ
+@given(st.text(st.characters(exclude_characters="/"), min_size=1, max_size=30))
+def test_built_request_and_cancel_topics_parse_back(client_id: str) -> None:
+    assert TOPICS.parse(TOPICS.request(client_id)) == InboundTopic(TopicKind.REQUEST, client_id)
+    assert TOPICS.parse(TOPICS.cancel(client_id)) == InboundTopic(TopicKind.CANCEL, client_id)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "qwen-edge/node1/reply/dev1/x",
+        "qwen-edge/node1/reply/dev1/default",
+        "qwen-edge/node1/reply/dev1/a/b/c",
+        "qwen-edge/node1/reply/dev1/中文",
+    ],
+)
+def test_response_topic_inside_own_namespace_is_allowed(topic: str) -> None:
+    assert TOPICS.allows_response_topic("dev1", topic)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "qwen-edge/node1/reply/dev1/",  # the bare namespace
+        "qwen-edge/node1/reply/dev1",
+        "qwen-edge/node1/reply/dev2/x",  # another client's namespace
+        "qwen-edge/node1/reply/dev1x/x",  # prefix trick on the client id
+        "qwen-edge/node1/reply/dev/1/x",
+        "qwen-edge/node1/reply/x",
+        "qwen-edge/node2/reply/dev1/x",  # another node
+        "other/node1/reply/dev1/x",  # another prefix
+        "qwen-edge/node1/error/dev1/x",
+        "qwen-edge/node1/request/dev1/x",
+        "qwen-edge/node1/reply/dev1/+",  # wildcards
+        "qwen-edge/node1/reply/dev1/#",
+        "qwen-edge/node1/reply/dev1/a/+/b",
+        "qwen-edge/node1/reply/dev1/a+b",
+        "qwen-edge/node1/reply/+/x",
+        "qwen-edge/node1/reply/#",
+        "qwen-edge/node1/reply/dev1/a\0b",
+        "qwen-edge/node1/reply/dev1/" + "x" * 1024,  # longer than the 1024-byte cap
+        "x/qwen-edge/node1/reply/dev1/x",
+        "",
+    ],
+)
+def test_response_topic_outside_namespace_is_refused(topic: str) -> None:
+    assert not TOPICS.allows_response_topic("dev1", topic)
+
+
+@FUZZ
+@given(st.text(st.characters(exclude_characters="+#\0"), min_size=1, max_size=200))
+def test_any_wildcard_free_suffix_under_own_namespace_is_allowed(suffix: str) -> None:
+    assert TOPICS.allows_response_topic("dev1", TOPICS.reply_namespace("dev1") + suffix)
+
+
+@FUZZ
+@given(
+    st.text(st.characters(exclude_characters="/"), min_size=1, max_size=20).filter(
+        lambda c: c != "dev1"
+    ),
+    st.text(max_size=50),
+)
+def test_other_clients_namespaces_are_never_allowed(other: str, suffix: str) -> None:
+    assert not TOPICS.allows_response_topic("dev1", TOPICS.reply_namespace(other) + suffix)
+
+
+@FUZZ
+@given(
+    st.text(st.characters(exclude_characters="+#\0"), max_size=30),
+    st.sampled_from("+#\0"),
+    st.text(max_size=30),
+)
+def test_wildcard_anywhere_in_response_topic_is_refused(head: str, bad: str, tail: str) -> None:
+    assert not TOPICS.allows_response_topic(
+        "dev1", TOPICS.reply_namespace("dev1") + head + bad + tail
+    )
+
+
+# -- requests: accepted ------------------------------------------------------------------------
+
+
+def test_minimal_request_gets_defaults() -> None:
+    req = parse_request(request(), LIMIT)
+    assert req == ChatRequest(request_id="r1", message="Hello")
+    assert isinstance(req, ChatRequest)
+    assert req.conversation_id == "default"
+    assert req.system is None
+    assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed) == (None,) * 5
+    assert req.reset is False
+
+
+def test_full_request_is_read_field_by_field() -> None:
+    req = parse_request(
+        request(
+            request_id="A-z_0.9:x",
+            conversation_id="conv:1",
+            message="你好 😀",
+            system="Be brief.",
+            max_tokens=1,
+            temperature=0,
+            top_p=1,
+            top_k=100_000,
+            seed=0xFFFFFFFF,
+            reset=True,
+            unknown_field={"ignored": True},
+        ),
+        LIMIT,
+    )
+    assert isinstance(req, ChatRequest)
+    assert req.request_id == "A-z_0.9:x"
+    assert req.conversation_id == "conv:1"
+    assert req.message == "你好 😀"
+    assert req.system == "Be brief."
+    assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed) == (
+        1,
+        0.0,
+        1.0,
+        100_000,
+        0xFFFFFFFF,
+    )
+    assert req.reset is True
+
+
+def test_request_id_of_64_characters_is_accepted() -> None:
+    assert isinstance(parse_request(request(request_id="a" * 64), LIMIT), ChatRequest)
+
+
+def test_json_integer_is_accepted_for_a_float_field() -> None:
+    req = parse_request(request(temperature=1, top_p=1), LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.temperature == 1.0
+
+
+def test_escaped_surrogate_pair_is_a_valid_character() -> None:
+    req = parse_request(b'{"request_id":"r1","message":"\\ud83d\\ude00"}', LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.message == "\U0001f600"
+
+
+def test_explicit_nulls_mean_defaults_for_optional_fields() -> None:
+    req = parse_request(request(system=None, max_tokens=None, temperature=None), LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.system is None
+
+
+def test_payload_of_exactly_max_payload_bytes_is_accepted() -> None:
+    raw = request()
+    assert isinstance(parse_request(raw, len(raw)), ChatRequest)
+    assert isinstance(parse_cancel(b'{"request_id":"r1"}', 19), CancelRequest)
+
+
+def test_huge_message_within_limit_is_accepted() -> None:
+    text = "长" * 1_000_000
+    req = parse_request(request(message=text), BIG)
+    assert isinstance(req, ChatRequest)
+    assert req.message == text
+
+
+# -- requests: refused -------------------------------------------------------------------------
+
+
+def test_payload_over_max_payload_is_too_large() -> None:
+    raw = request()
+    err = bad(raw, len(raw) - 1)
+    assert err.code is ErrorCode.TOO_LARGE
+    assert str(len(raw)) in err.message
+    assert (err.request_id, err.conversation_id) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"   ",
+        b"{",
+        b'{"request_id":"r1","message":"hi"',
+        b"{'request_id':'r1','message':'hi'}",
+        b'{"request_id":"r1","message":"hi"} trailing',
+        b"not json",
+        b"\x00",
+    ],
+)
+def test_malformed_json_is_a_bad_request_without_ids(raw: bytes) -> None:
+    err = bad(raw)
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff\xfe\xfd",
+        b'{"request_id":"r1","message":"\xff"}',
+        b'{"request_id":"r1","message":"\xc3"}',  # truncated 2-byte sequence
+        b'{"request_id":"r1","message":"\xed\xa0\x80"}',  # UTF-8-encoded surrogate
+        b'{"request_id":"r1","message":"\xc0\xaf"}',  # overlong encoding
+    ],
+)
+def test_invalid_utf8_is_a_bad_request(raw: bytes) -> None:
+    assert bad(raw).code is ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[]", b'["r1", "hi"]', b"null", b"true", b"42", b"1.5", b'"text"']
+)
+def test_non_object_json_is_a_bad_request_without_ids(raw: bytes) -> None:
+    err = bad(raw)
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == (None, None)
+
+
+@pytest.mark.parametrize("message", [_MISSING, "", None, 5, ["hi"], {"text": "hi"}, True])
+def test_missing_or_empty_message_is_a_bad_request_that_names_the_request(message: Any) -> None:
+    err = bad(request(message=message))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert "message" in err.message
+    assert (err.request_id, err.conversation_id) == ("r1", "default")
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [
+        _MISSING,
+        None,
+        "",
+        "a" * 65,
+        "has space",
+        "a/b",
+        "a+b",
+        "a#b",
+        "é",
+        "r1\n",
+        "\nr1",
+        "\uff11",  # fullwidth digit one
+        17,
+        ["r1"],
+        True,
+    ],
+)
+def test_unusable_request_id_is_a_bad_request_without_request_id(request_id: Any) -> None:
+    err = bad(request(request_id=request_id, conversation_id="c1"))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert "request_id" in err.message
+    assert err.request_id is None
+    assert err.conversation_id == "c1"
+
+
+@pytest.mark.parametrize(
+    "conversation_id", [None, "", "a/b", "+", "#", "with space", "x" * 65, 3, ["c"]]
+)
+def test_unusable_conversation_id_is_reported_as_none(conversation_id: Any) -> None:
+    err = bad(request(conversation_id=conversation_id))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert "conversation_id" in err.message
+    assert (err.request_id, err.conversation_id) == ("r1", None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "0.5"),  # strict: numbers in strings are not numbers
+        ("top_p", "0.9"),
+        ("max_tokens", "10"),
+        ("seed", "1"),
+        ("top_k", "5"),
+        ("max_tokens", True),  # strict: bool is not an int
+        ("seed", False),
+        ("top_k", True),
+        ("temperature", True),
+        ("max_tokens", 1.0),  # strict: float is not an int
+        ("seed", 2.5),
+        ("reset", 1),
+        ("reset", "true"),
+        ("system", 5),
+        ("system", ["a"]),
+        ("temperature", [0.5]),
+        ("temperature", {"value": 0.5}),
+    ],
+)
+def test_wrong_type_is_a_bad_request_naming_the_field(field: str, value: Any) -> None:
+    err = bad(request(**{field: value}))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert err.message.startswith(field)
+    assert (err.request_id, err.conversation_id) == ("r1", "default")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.01),
+        ("temperature", 5.0001),
+        ("temperature", 1e308),
+        ("top_p", 0),
+        ("top_p", -0.5),
+        ("top_p", 1.0001),
+        ("max_tokens", 0),
+        ("max_tokens", -1),
+        ("top_k", -1),
+        ("top_k", 100_001),
+        ("seed", -1),
+        ("seed", 2**32),
+        ("seed", 10**30),
+    ],
+)
+def test_out_of_range_value_is_a_bad_request(field: str, value: Any) -> None:
+    err = bad(request(**{field: value}))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert err.message.startswith(field)
+    assert err.request_id == "r1"
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_temperature_is_a_bad_request(literal: bytes) -> None:
+    raw = b'{"request_id":"r1","message":"hi","temperature":' + literal + b"}"
+    assert bad(raw).code is ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"request_id":"r1","message":"\\ud800"}',
+        b'{"request_id":"r1","message":"a\\udfffb"}',
+        b'{"request_id":"r1","message":"hi","system":"\\ud800"}',
+        b'{"request_id":"r1","message":"\\ude00\\ud83d"}',  # pair in the wrong order
+    ],
+)
+def test_lone_surrogate_in_text_is_a_bad_request(raw: bytes) -> None:
+    err = bad(raw)
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert err.request_id == "r1"
+
+
+@pytest.mark.parametrize(("message", "system"), [("\ud800", None), ("ok", "x\udfff")])
+def test_model_refuses_lone_surrogate_given_as_python_str(message: str, system: str | None) -> None:
+    with pytest.raises(ValidationError):
+        ChatRequest(request_id="r1", message=message, system=system)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000,
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000,
+        b'{"request_id":"r1","message":"hi","system":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    ],
+)
+def test_deeply_nested_json_is_a_bad_request_not_a_crash(raw: bytes) -> None:
+    assert bad(raw, BIG).code is ErrorCode.BAD_REQUEST
+    cancel = parse_cancel(raw, BIG)
+    assert isinstance(cancel, RequestError)
+    assert cancel.code is ErrorCode.BAD_REQUEST
+
+
+def test_number_with_thousands_of_digits_does_not_crash() -> None:
+    raw = b'{"request_id":"r1","message":"hi","seed":' + b"9" * 5000 + b"}"
+    err = bad(raw)
+    assert err.code is ErrorCode.BAD_REQUEST
+    raw = b'{"request_id":' + b"9" * 5000 + b',"message":"hi"}'
+    err = bad(raw)
+    assert err.request_id is None
+
+
+# -- cancels -----------------------------------------------------------------------------------
+
+
+def test_valid_cancel_is_read() -> None:
+    assert parse_cancel(b'{"request_id":"r-9","extra":1}', LIMIT) == CancelRequest(request_id="r-9")
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"{}", b"[]", b'{"request_id":""}', b'{"request_id":5}', b"\xff", b"{"]
+)
+def test_unusable_cancel_is_a_bad_request(raw: bytes) -> None:
+    err = parse_cancel(raw, LIMIT)
+    assert isinstance(err, RequestError)
+    assert err.code is ErrorCode.BAD_REQUEST
+
+
+def test_oversized_cancel_is_too_large() -> None:
+    err = parse_cancel(b'{"request_id":"r1"}', 18)
+    assert isinstance(err, RequestError)
+    assert err.code is ErrorCode.TOO_LARGE
+
+
+# -- fuzzing -----------------------------------------------------------------------------------
+
+FIELDS = [
+    "request_id",
+    "conversation_id",
+    "message",
+    "system",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "reset",
+]
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.sampled_from(["r1", "default", "", "a" * 64, "a" * 65, "\ud800", "中文", "😀"])
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+request_like = st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, json_values | json_scalars))
+
+
+def dumps_any(value: Any, ensure_ascii: bool) -> bytes:
+    return json.dumps(value, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+
+
+def check_both_parsers(raw: bytes, max_payload: int = LIMIT) -> None:
+    assert_well_formed(parse_request(raw, max_payload))
+    assert_well_formed(parse_cancel(raw, max_payload))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    check_both_parsers(raw)
+
+
+@FUZZ
+@given(json_values, st.booleans())
+def test_arbitrary_json_values_never_raise(value: Any, ensure_ascii: bool) -> None:
+    check_both_parsers(dumps_any(value, ensure_ascii))
+
+
+@FUZZ
+@given(request_like, st.booleans())
+def test_request_shaped_objects_never_raise_and_report_only_valid_ids(
+    value: dict[str, Any], ensure_ascii: bool
+) -> None:
+    raw = dumps_any(value, ensure_ascii)
+    result = parse_request(raw, LIMIT)
+    assert_well_formed(result)
+    if isinstance(result, ChatRequest):
+        assert result.request_id == value["request_id"]
+        assert result.message == value["message"]
+    else:
+        assert isinstance(result, RequestError)
+        if result.request_id is not None:
+            assert result.request_id == value["request_id"]
+        if result.conversation_id is not None:
+            assert result.conversation_id == value.get("conversation_id", "default")
+
+
+@FUZZ
+@given(
+    st.text(
+        st.characters(codec="utf-8") | st.characters(categories=["Cs"]) | st.sampled_from("\0"),
+        min_size=0,
+        max_size=200,
+    ),
+    st.booleans(),
+)
+def test_unicode_edge_cases_in_message_never_raise(text: str, ensure_ascii: bool) -> None:
+    raw = dumps_any({"request_id": "r1", "message": text}, ensure_ascii)
+    result = parse_request(raw, LIMIT)
+    assert_well_formed(result)
+    clean = text != "" and not any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+    if clean:
+        assert isinstance(result, ChatRequest)
+        assert result.message == text
+    else:
+        assert isinstance(result, RequestError)
+        assert result.code is ErrorCode.BAD_REQUEST
+        # Escaped surrogates leave the ids readable; raw ones make the payload invalid UTF-8.
+        assert result.request_id == ("r1" if ensure_ascii or text == "" else None)
+
+
+@FUZZ
+@given(st.binary(max_size=64), st.integers(min_value=0, max_value=80))
+def test_payload_limit_decides_before_parsing(raw: bytes, max_payload: int) -> None:
+    result = parse_request(raw, max_payload)
+    assert_well_formed(result)
+    too_large = isinstance(result, RequestError) and result.code is ErrorCode.TOO_LARGE
+    assert too_large == (len(raw) > max_payload)
+
+
+@pytest.mark.parametrize("size", [1_000_000, 4_000_000])
+def test_huge_strings_never_raise(size: int) -> None:
+    for raw in (
+        b'"' + b"x" * size + b'"',
+        b'{"request_id":"' + b"a" * size + b'","message":"hi"}',
+        b'{"request_id":"r1","message":"' + b"\\ud800" * (size // 6) + b'"}',
+        b"\xf0\x9f\x98" * (size // 3),
+    ):
+        check_both_parsers(raw, BIG)
+
+
+def test_encode_is_compact_utf8_json() -> None:
+    raw = encode({"type": "x", "text": '中"\\\n'})
+    assert raw == '{"type":"x","text":"中\\"\\\\\\n"}'.encode()
+    assert json.loads(raw) == {"type": "x", "text": '中"\\\n'}
