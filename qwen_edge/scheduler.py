@@ -313,7 +313,10 @@ class Scheduler:
         decode_s = now - slot.first_token_at if slot.first_token_at else 0.0
         tokens_per_s = (slot.generated - 1) / decode_s if slot.generated > 1 and decode_s else None
         reply = "".join(slot.reply)
-        self._store.record(job.conversation, slot.system, slot.dropped, job.request.message, reply)
+        if reply or reason is not FinishReason.CANCELLED:  # a turn cancelled unseen is no turn
+            self._store.record(
+                job.conversation, slot.system, slot.dropped, job.request.message, reply
+            )
         job.stream.done(reason, len(slot.prompt), slot.generated, ttft_ms, tokens_per_s)
         log.info(
             "request_done",

@@ -217,6 +217,8 @@ def load_settings(config_file: Path | None = None) -> Settings:
         raise ConfigError(f"invalid setting QWEN_EDGE_{name}: not valid JSON") from None
     except (ValueError, OSError) as exc:  # e.g. TOML syntax errors
         raise ConfigError(f"config file {config_file}: {exc}") from None
+    finally:
+        Settings.toml_file = None
 
 
 def _describe(exc: ValidationError, config_file: Path | None) -> str:
