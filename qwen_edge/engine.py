@@ -261,6 +261,23 @@ class Engine:
         """Drop KV cells of `seq` from position `keep` on."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1)
 
+    def save_seq(self, seq: int) -> ctypes.Array[ctypes.c_uint8]:
+        """A copy of one sequence's KV cells (no logits: a few MB, not hundreds)."""
+        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, seq))
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        if written != size:
+            raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
+        return buf
+
+    def restore_seq(self, seq: int, state: ctypes.Array[ctypes.c_uint8]) -> bool:
+        """Load a saved sequence into `seq` (emptied first); False if llama.cpp refused it."""
+        self.forget(seq)
+        ok = llama_cpp.llama_state_seq_set_data(self.ctx, state, len(state), seq) > 0
+        if not ok:
+            self.forget(seq)
+        return bool(ok)
+
     # -- text ------------------------------------------------------------------------------------
 
     def _chat_template(self) -> str:

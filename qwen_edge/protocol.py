@@ -103,7 +103,7 @@ def _first_error(exc: ValidationError) -> str:
 def _readable_ids(payload: bytes) -> tuple[str | None, str | None]:
     """request_id and conversation_id from a payload that failed validation, when they are valid."""
     try:
-        data = json.loads(payload)
+        data = json.loads(payload.decode("utf-8"))  # strict: invalid UTF-8 is unreadable
     except (ValueError, RecursionError):
         return None, None
     if not isinstance(data, dict):

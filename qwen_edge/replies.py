@@ -60,7 +60,9 @@ class ReplyStream:
         completion_tokens: int,
         ttft_ms: float | None,
         tokens_per_s: float | None,
+        cached_tokens: int = 0,
     ) -> None:
+        """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again."""
         if self.ended:
             return
         self.ended = True
@@ -68,7 +70,11 @@ class ReplyStream:
             self._message(
                 "done",
                 finish_reason=finish_reason.value,
-                usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                usage={
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "cached_tokens": cached_tokens,
+                },
                 timings={
                     "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
                     "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),

@@ -18,6 +18,7 @@ import structlog
 
 from .conversations import ContextOverflow, ConversationKey, ConversationStore, fit_prompt
 from .engine import DecodeError, Engine, Row, Sampler, SamplingParams, TextAssembler
+from .kvstore import KvStore, SavedSequence
 from .protocol import ChatRequest, ErrorCode, FinishReason
 from .replies import ReplyStream
 from .settings import GenerationSettings
@@ -25,6 +26,7 @@ from .settings import GenerationSettings
 log = structlog.get_logger("qwen_edge.scheduler")
 
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between heartbeats
+KV_SAVE_MIN_TOKENS = 64  # shorter sequences are cheaper to recompute than to keep
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ class Slot:
 
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV the sequence holds
+    owner: ConversationKey | None = None  # the conversation those tokens belong to
     job: Job | None = None
     prompt: list[int] = field(default_factory=list)
     fed: int = 0  # prompt tokens evaluated so far
@@ -75,6 +78,7 @@ class Scheduler:
         store: ConversationStore,
         generation: GenerationSettings,
         queue_size: int,
+        kv_keep_bytes: int,
         node: str,
         model_name: str,
     ) -> None:
@@ -85,6 +89,7 @@ class Scheduler:
         self._node = node
         self._model_name = model_name
         self._slots = [Slot(seq=i) for i in range(engine.slots)]
+        self._kv = KvStore(kv_keep_bytes)
         self._waiting: deque[Job] = deque()
         self._jobs: dict[tuple[str, str], Job] = {}  # every accepted, unfinished job
         self._lock = threading.Lock()
@@ -220,7 +225,7 @@ class Scheduler:
             self._end_with_error(job, ErrorCode.INTERNAL, f"could not build the prompt: {exc}")
             return
 
-        slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+        slot = self._take_slot(job.conversation, prompt, free)
         # Keep the KV of the longest shared prefix; at least one token must be evaluated for logits.
         keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
         self._engine.forget(slot.seq, keep)
@@ -251,6 +256,34 @@ class Scheduler:
         slot.system = system
         slot.dropped = dropped
         slot.first_token_at = None
+
+    def _take_slot(self, key: ConversationKey, prompt: list[int], free: list[Slot]) -> Slot:
+        """A free slot for conversation `key`, holding as much of its KV as can be had.
+
+        Best: the slot that still holds this conversation. Else its saved KV is restored into a
+        free slot, or, with none saved, the slot sharing the longest prefix (a common system
+        prompt) is used. The KV of the conversation that held the slot before is saved first.
+        """
+        for slot in free:
+            if slot.owner == key:
+                return slot
+        saved = self._kv.take(key)
+        if saved is None:
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, prompt), s.owner is None))
+        else:
+            slot = min(free, key=lambda s: (s.owner is not None, len(s.cached)))
+        if slot.owner is not None and len(slot.cached) >= KV_SAVE_MIN_TOKENS:
+            self._kv.put(
+                slot.owner, SavedSequence(tuple(slot.cached), self._engine.save_seq(slot.seq))
+            )
+        slot.owner = key
+        if saved is not None:
+            if self._engine.restore_seq(slot.seq, saved.state):
+                slot.cached = list(saved.tokens)
+            else:
+                log.warning("kv_restore_failed", conversation_id=key[1])
+                slot.cached = []
+        return slot
 
     def _step(self, active: list[Slot]) -> None:
         budget = self._engine.n_batch
@@ -317,7 +350,9 @@ class Scheduler:
             self._store.record(
                 job.conversation, slot.system, slot.dropped, job.request.message, reply
             )
-        job.stream.done(reason, len(slot.prompt), slot.generated, ttft_ms, tokens_per_s)
+        job.stream.done(
+            reason, len(slot.prompt), slot.generated, ttft_ms, tokens_per_s, slot.reused
+        )
         log.info(
             "request_done",
             request_id=job.request.request_id,
@@ -337,6 +372,7 @@ class Scheduler:
         self._end_with_error(slot.job, code, message)
         self._engine.forget(slot.seq)
         slot.cached.clear()
+        slot.owner = None
         self._release(slot)
 
     def _release(self, slot: Slot) -> None:

@@ -199,6 +199,7 @@ class Service:
             store=store,
             generation=s.generation,
             queue_size=s.model.queue_size,
+            kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
             node=s.node_id,
             model_name=self.model_name,
         )

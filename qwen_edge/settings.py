@@ -86,6 +86,12 @@ class ModelSettings(_Section):
     queue_size: int = Field(
         16, ge=0, le=1024, description="Requests that may wait for a free slot before 'busy'."
     )
+    kv_keep_mb: int = Field(
+        64,
+        ge=0,
+        le=65536,
+        description="RAM for KV state of conversations waiting for their next turn (MiB).",
+    )
     use_mlock: bool = Field(False, description="Lock the model in RAM (needs CAP_IPC_LOCK).")
     flash_attn: bool = Field(False, description="Use flash attention (off: faster on CPU here).")
 

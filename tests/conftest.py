@@ -211,6 +211,7 @@ class Probe:
         self.client_id = client_id
         self.messages: queue.Queue[tuple[str, dict[str, Any], Any]] = queue.Queue()
         self.raw: list[tuple[str, bytes]] = []
+        self._stash: dict[Any, list[dict[str, Any]]] = {}  # read while collecting another reply
         self._subacks: queue.Queue[int] = queue.Queue()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -275,9 +276,9 @@ class Probe:
     ) -> list[dict[str, Any]]:
         """Messages of one reply (deduplicated by seq) up to and including done/error;
         `before` holds messages of it already read."""
-        before = before or []
+        before = (before or []) + self._stash.pop(request_id, [])
         got: dict[int, dict[str, Any]] = {m["seq"]: m for m in before}
-        if before and before[-1].get("type") in ("done", "error"):
+        if any(m.get("type") in ("done", "error") for m in before):
             return [got[k] for k in sorted(got)]
         deadline = time.monotonic() + timeout
         while True:
@@ -289,6 +290,7 @@ class Probe:
             except queue.Empty:
                 continue
             if request_id is not None and data.get("request_id") != request_id:
+                self._stash.setdefault(data.get("request_id"), []).append(data)
                 continue
             got.setdefault(data.get("seq", -1), data)
             if data.get("type") in ("done", "error"):

@@ -257,7 +257,7 @@ def test_request_id_is_escaped_in_every_message(request_id: str) -> None:
 def test_start_done_and_error_payloads_carry_their_fields() -> None:
     s, rec = stream()
     s.start("node1", "qwen2.5-0.5b")
-    s.done(FinishReason.LENGTH, 12, 34, 123.456, 7.891)
+    s.done(FinishReason.LENGTH, 12, 34, 123.456, 7.891, cached_tokens=5)
     start, done = rec.messages
     assert start == {
         "type": "start",
@@ -271,7 +271,7 @@ def test_start_done_and_error_payloads_carry_their_fields() -> None:
         "request_id": "r1",
         "seq": 1,
         "finish_reason": "length",
-        "usage": {"prompt_tokens": 12, "completion_tokens": 34},
+        "usage": {"prompt_tokens": 12, "completion_tokens": 34, "cached_tokens": 5},
         "timings": {"ttft_ms": 123.5, "tokens_per_s": 7.89},
     }
 

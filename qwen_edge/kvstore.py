@@ -1,0 +1,65 @@
+"""KV state of conversations that lost their slot, kept in RAM so a follow-up turn does not
+re-read its history.
+
+Policy: when a slot is taken over by another conversation, the KV cells of the conversation that
+held it are copied out (llama_state_seq_get_data: the sequence's cells only, no logits) and kept
+here, least recently used first out, within a byte budget. A follow-up turn restores them into
+its slot and evaluates only its new tokens. Whatever does not fit the budget is recomputed from
+the text history instead (slower, never wrong).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .conversations import ConversationKey
+
+State = ctypes.Array[ctypes.c_uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedSequence:
+    tokens: tuple[int, ...]  # the tokens whose KV the state holds, in order
+    state: State
+
+
+class KvStore:
+    def __init__(self, budget_bytes: int) -> None:
+        self._budget = budget_bytes
+        self._used = 0
+        self._items: OrderedDict[ConversationKey, SavedSequence] = OrderedDict()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def put(self, key: ConversationKey, saved: SavedSequence) -> bool:
+        """Keep `saved` for `key`, evicting the least recently used; False if it cannot fit."""
+        self.drop(key)
+        size = len(saved.state)
+        if size > self._budget:
+            return False
+        while self._used + size > self._budget:
+            _, evicted = self._items.popitem(last=False)
+            self._used -= len(evicted.state)
+        self._items[key] = saved
+        self._used += size
+        return True
+
+    def take(self, key: ConversationKey) -> SavedSequence | None:
+        """Remove and return the state of `key` (it is about to live in a slot again)."""
+        saved = self._items.pop(key, None)
+        if saved is not None:
+            self._used -= len(saved.state)
+        return saved
+
+    def drop(self, key: ConversationKey) -> None:
+        self.take(key)
