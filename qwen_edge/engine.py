@@ -148,12 +148,17 @@ def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
         os.write(2, text)
 
 
+def quiet_llama_logs() -> None:
+    """Route llama.cpp's log through a filter that keeps only its errors."""
+    llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+
+
 class Engine:
     """A loaded model and a context with one KV sequence per slot."""
 
     def __init__(self, settings: ModelSettings) -> None:
         check_model_file(settings.path)
-        llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+        quiet_llama_logs()
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()

@@ -60,6 +60,7 @@ class ReplyStream:
         completion_tokens: int,
         ttft_ms: float | None,
         tokens_per_s: float | None,
+        *,
         cached_tokens: int = 0,
     ) -> None:
         """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again."""

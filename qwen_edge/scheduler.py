@@ -351,7 +351,12 @@ class Scheduler:
                 job.conversation, slot.system, slot.dropped, job.request.message, reply
             )
         job.stream.done(
-            reason, len(slot.prompt), slot.generated, ttft_ms, tokens_per_s, slot.reused
+            reason,
+            len(slot.prompt),
+            slot.generated,
+            ttft_ms,
+            tokens_per_s,
+            cached_tokens=slot.reused,
         )
         log.info(
             "request_done",
