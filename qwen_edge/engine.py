@@ -179,6 +179,11 @@ class Engine:
         cparams.n_batch = settings.n_batch
         cparams.n_ubatch = settings.n_batch
         cparams.n_seq_max = settings.slots
+        # A decode step wants logits for at most one token per slot. Without this bound llama.cpp
+        # sizes its output and compute buffers for n_batch rows of logits: with Qwen's 151,936-
+        # token vocabulary that is ~300 MB at n_batch 512, more than the model itself.
+        cparams.n_outputs_max = settings.slots
+        cparams.n_outputs_max_per_seq = 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False

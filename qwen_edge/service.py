@@ -56,6 +56,8 @@ class Service:
         self._started = time.monotonic()
         self._scheduler: Scheduler | None = None
         self._link: MqttLink | None = None
+        self._intake_lock = threading.Lock()
+        self._early: list[Inbound] = []  # requests delivered before the model was loaded
 
     # -- status --------------------------------------------------------------------------------
 
@@ -72,16 +74,28 @@ class Service:
         )
 
     def _on_connected(self) -> None:
-        # Every (re)connect: announce that this node serves. The will covers unclean loss.
+        # Every (re)connect: say what this node is doing. The will covers unclean loss.
         assert self._link is not None
-        if not self._stop.is_set():
-            self._link.publish_status(
-                self._status("online", slots=self.settings.model.slots, pid=os.getpid())
-            )
+        with self._intake_lock:  # so a late "starting" can never follow "online"
+            if self._stop.is_set() or not self._link.connected.is_set():
+                return
+            if self._scheduler is None:
+                self._link.publish_status(self._status("starting", pid=os.getpid()))
+            else:
+                self._link.publish_status(
+                    self._status("online", slots=self.settings.model.slots, pid=os.getpid())
+                )
 
     # -- intake (paho network thread) ----------------------------------------------------------
 
     def _on_message(self, msg: Inbound) -> None:
+        if self._scheduler is None:
+            with self._intake_lock:
+                if self._scheduler is None:
+                    # Queued for us in the broker session while we were away; the model is
+                    # still loading. Served as soon as it is ready.
+                    self._early.append(msg)
+                    return
         inbound = self.topics.parse(msg.topic)
         if inbound is None:
             return
@@ -171,9 +185,22 @@ class Service:
         self._stop.set()
 
     def run(self) -> int:
+        """Connect -> (status starting) load model -> serve (status online, READY=1) -> drain."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         s = self.settings
+
+        # Connect first, so devices see "starting" while a slow device loads the model.
+        self._link = MqttLink(
+            s.mqtt,
+            client_id=s.mqtt.client_id or f"qwen-edge-{s.node_id}",
+            subscriptions=self.topics.subscriptions,
+            status_topic=self.topics.status,
+            will_payload=self._status("offline", reason="connection lost"),
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+        )
+        self._link.start()
 
         systemd_notify.notify("STATUS=loading model")
         began = time.monotonic()
@@ -182,6 +209,7 @@ class Service:
         except ModelError as exc:
             log.error("model_unusable", error=str(exc))
             systemd_notify.notify(f"STATUS=model unusable: {exc}")
+            self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
             return EXIT_MODEL
         log.info(
             "model_loaded",
@@ -203,25 +231,19 @@ class Service:
             node=s.node_id,
             model_name=self.model_name,
         )
-        self._scheduler = scheduler
         inference = threading.Thread(target=scheduler.run, name="inference")
         inference.start()
-
-        self._link = MqttLink(
-            s.mqtt,
-            client_id=s.mqtt.client_id or f"qwen-edge-{s.node_id}",
-            subscriptions=self.topics.subscriptions,
-            status_topic=self.topics.status,
-            will_payload=self._status("offline", reason="connection lost"),
-            on_message=self._on_message,
-            on_connected=self._on_connected,
-        )
+        with self._intake_lock:  # from here on the network thread hands requests straight over
+            self._scheduler = scheduler
+            early, self._early = self._early, []
+        for msg in early:
+            self._on_message(msg)
+        self._on_connected()  # "online" now if connected, else on connect
         watchdog = threading.Thread(target=self._watchdog, args=(scheduler,), name="watchdog")
         watchdog.start()
 
         systemd_notify.notify(f"STATUS=connecting to {s.mqtt.host}:{s.mqtt.port}")
         began = time.monotonic()
-        self._link.start()
         while not self._link.connected.wait(0.2):
             if self._stop.is_set():
                 break

@@ -142,6 +142,22 @@ def test_requests_sent_while_daemon_restarts_are_served(node: Any, broker: Broke
         dev.close()
 
 
+def test_status_goes_starting_online_offline(node: Any, broker: Broker) -> None:
+    watcher = Probe(broker, "statuswatch")
+    try:
+        watcher.subscribe(f"{PREFIX}/{NODE}/status")
+        d = node()
+        d.start()
+        states = [_status(watcher)["state"], _status(watcher)["state"]]
+        assert states == ["starting", "online"]
+        assert d.stop() == 0
+        final = _status(watcher)
+        assert final["state"] == "offline"
+        assert final["reason"] == "stopped"
+    finally:
+        watcher.close()
+
+
 def test_last_will_marks_node_offline_when_killed(node: Any, broker: Broker) -> None:
     d = node(QWEN_EDGE_MQTT__KEEPALIVE="5")
     d.start()
