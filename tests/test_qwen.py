@@ -29,7 +29,7 @@ def qwen(module_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def reference() -> Any:
     from llama_cpp import Llama
 
-    return Llama(model_path=str(QWEN_TINY), n_ctx=2048, verbose=False)
+    return Llama(model_path=str(QWEN_TINY), n_ctx=2048, flash_attn=True, verbose=False)
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ def test_greedy_reply_equals_llama_cpp_python_create_chat_completion(
     )
     ours = dev.collect(rid)
 
-    llm = Llama(model_path=str(SMOLLM), n_ctx=2048, verbose=False)
+    llm = Llama(model_path=str(SMOLLM), n_ctx=2048, flash_attn=True, verbose=False)
     ref = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=48)  # type: ignore[arg-type]
     assert reply_text(ours) == ref["choices"][0]["message"]["content"]
     assert ours[-1]["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
@@ -320,3 +320,35 @@ def test_busy_when_slots_and_queue_are_full(module_broker: Any, tmp_path: Any) -
     finally:
         dev.close()
         d.stop()
+
+
+def test_chat_command_streams_one_reply_to_the_terminal(module_broker: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
+    env.update(QWEN_EDGE_MQTT__PORT=str(module_broker.port), QWEN_EDGE_NODE_ID=NODE)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_edge",
+            "chat",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--client-id",
+            "terminal",
+            "Say hi.",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "[stop" in result.stderr or "[length" in result.stderr
