@@ -273,9 +273,12 @@ class Engine:
         """Drop KV cells of `seq` from position `keep` on."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1)
 
+    def seq_state_size(self, seq: int) -> int:
+        return int(llama_cpp.llama_state_seq_get_size(self.ctx, seq))
+
     def save_seq(self, seq: int) -> ctypes.Array[ctypes.c_uint8]:
         """A copy of one sequence's KV cells (no logits: a few MB, not hundreds)."""
-        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, seq))
+        size = self.seq_state_size(seq)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
         if written != size:

@@ -41,17 +41,23 @@ class KvStore:
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
-    def put(self, key: ConversationKey, saved: SavedSequence) -> bool:
-        """Keep `saved` for `key`, evicting the least recently used; False if it cannot fit."""
-        self.drop(key)
-        size = len(saved.state)
+    def make_room(self, size: int) -> bool:
+        """Evict least recently used states until `size` more bytes fit; False if they never
+        can. Called before a state is copied out, so memory never peaks above the budget."""
         if size > self._budget:
             return False
         while self._used + size > self._budget:
             _, evicted = self._items.popitem(last=False)
             self._used -= len(evicted.state)
+        return True
+
+    def put(self, key: ConversationKey, saved: SavedSequence) -> bool:
+        """Keep `saved` for `key`, evicting the least recently used; False if it cannot fit."""
+        self.drop(key)
+        if not self.make_room(len(saved.state)):
+            return False
         self._items[key] = saved
-        self._used += size
+        self._used += len(saved.state)
         return True
 
     def take(self, key: ConversationKey) -> SavedSequence | None:

@@ -273,9 +273,10 @@ class Scheduler:
         else:
             slot = min(free, key=lambda s: (s.owner is not None, len(s.cached)))
         if slot.owner is not None and len(slot.cached) >= KV_SAVE_MIN_TOKENS:
-            self._kv.put(
-                slot.owner, SavedSequence(tuple(slot.cached), self._engine.save_seq(slot.seq))
-            )
+            self._kv.drop(slot.owner)
+            if self._kv.make_room(self._engine.seq_state_size(slot.seq)):
+                state = self._engine.save_seq(slot.seq)
+                self._kv.put(slot.owner, SavedSequence(tuple(slot.cached), state))
         slot.owner = key
         if saved is not None:
             if self._engine.restore_seq(slot.seq, saved.state):
