@@ -1,4 +1,4 @@
-"""Command line: `qwen-edge serve | config | chat`. Thin: parse, load settings, hand over."""
+"""Command line: `qwen-edge serve | config | chat | fleet`. Thin: parse, load settings, run."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+
+    fleet = sub.add_parser("fleet", help="list the nodes on the broker: state, model, load")
+    fleet.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    fleet.add_argument(
+        "--wait", type=float, default=1.0, help="seconds to gather status messages (default 1)"
+    )
+    fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -58,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from .chat import run_chat
 
         return run_chat(settings, args)
+    if args.command == "fleet":
+        from .fleet import run_fleet
+
+        return run_fleet(settings, args)
 
     from . import logs
     from .service import Service

@@ -1,5 +1,6 @@
-"""The broker link: paho-mqtt 2.x with MQTT 5 (3.1.1 selectable), a Last Will, retained status,
-reconnect with exponential backoff, resubscribe on every connect, and a persistent session.
+"""A broker link: paho-mqtt 2.x with MQTT 5 (3.1.1 selectable), reconnect with exponential
+backoff and resubscribe on every connect. The node's main link also has a Last Will, retained
+status and a persistent session; its pool link has none of them (see docs/protocol.md, "Fleet").
 
 paho's network loop runs on its own thread; callbacks here only parse and hand over, never block.
 QoS 1 messages published while the link is down are queued by paho and sent on reconnect.
@@ -36,6 +37,7 @@ class Inbound:
     payload: bytes
     response_topic: str | None
     correlation: bytes | None
+    retained: bool = False  # a retained message delivered because we (re)subscribed
 
 
 OnMessage = Callable[[Inbound], None]
@@ -48,29 +50,39 @@ class MqttLink:
         *,
         client_id: str,
         subscriptions: tuple[str, ...],
-        status_topic: str,
-        will_payload: bytes,
         on_message: OnMessage,
         on_connected: Callable[[], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
+        status_topic: str | None = None,
+        will_payload: bytes | None = None,
+        persistent: bool = True,
     ) -> None:
+        """`persistent`: the broker keeps the session (subscriptions, queued QoS 1 messages) for
+        SESSION_EXPIRY_S while the link is down; else it drops it the moment the link drops."""
         self._settings = settings
-        self._subscriptions = subscriptions
+        self._subscriptions = list(subscriptions)
         self._status_topic = status_topic
         self._on_message_cb = on_message
         self._on_connected_cb = on_connected
+        self._on_disconnected_cb = on_disconnected
+        self._persistent = persistent
         self.v5 = settings.protocol == "5"
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged this connection's SUBSCRIBE
+        self._subscribe_mid: int | None = None
+        self._unsubscribed = threading.Event()
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            clean_session=None if self.v5 else False,
+            clean_session=None if self.v5 else not persistent,
         )
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else None
             client.username_pw_set(settings.username, password)
-        client.will_set(status_topic, will_payload, qos=1, retain=True)
+        if status_topic is not None and will_payload is not None:
+            client.will_set(status_topic, will_payload, qos=1, retain=True)
         client.reconnect_delay_set(
             min_delay=max(1, round(settings.reconnect_min_delay)),
             max_delay=max(1, round(settings.reconnect_max_delay)),
@@ -80,6 +92,8 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         self._client = client
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -87,28 +101,40 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until stop()."""
         properties = None
-        if self.v5:
+        if self.v5 and self._persistent:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
         self._client.connect_async(
             self._settings.host,
             self._settings.port,
             keepalive=self._settings.keepalive,
-            clean_start=False,
+            clean_start=not self._persistent,
             properties=properties,
         )
         self._client.loop_start()
 
-    def stop(self, final_status: bytes, timeout: float = 5.0) -> None:
-        """Publish the final retained status, wait for queued messages, disconnect."""
-        info = self._client.publish(self._status_topic, final_status, qos=1, retain=True)
-        if self.connected.is_set():
-            try:
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                log.warning("final_status_not_sent")
+    def stop(self, final_status: bytes | None = None, timeout: float = 5.0) -> None:
+        """Publish the final retained status (if any), wait for queued messages, disconnect."""
+        if final_status is not None:
+            assert self._status_topic is not None
+            info = self._client.publish(self._status_topic, final_status, qos=1, retain=True)
+            if self.connected.is_set():
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):
+                    log.warning("final_status_not_sent")
         self._client.disconnect()
         self._client.loop_stop()
+
+    def unsubscribe(self, topic: str, timeout: float = 2.0) -> bool:
+        """Drop one subscription, also for later reconnects; True once the broker confirmed."""
+        if topic in self._subscriptions:
+            self._subscriptions.remove(topic)
+        if not self.connected.is_set():
+            return True  # gone with the (clean) session, and not renewed on reconnect
+        self._unsubscribed.clear()
+        self._client.unsubscribe(topic)
+        return self._unsubscribed.wait(timeout)
 
     def wait_flushed(self, timeout: float) -> bool:
         """Wait until paho holds no unacknowledged outgoing message, or `timeout` seconds."""
@@ -132,7 +158,13 @@ class MqttLink:
             log.warning("publish_dropped_queue_full", topic=topic)
 
     def publish_status(self, payload: bytes) -> None:
+        assert self._status_topic is not None
         self._client.publish(self._status_topic, payload, qos=1, retain=True)
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """QoS 1 retained; skipped while disconnected (a later one will replace it anyway)."""
+        if self.connected.is_set():
+            self._client.publish(topic, payload, qos=1, retain=True)
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
@@ -153,7 +185,10 @@ class MqttLink:
             port=self._settings.port,
             session_present=flags.session_present,
         )
-        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        if self._subscriptions:
+            _, self._subscribe_mid = client.subscribe([(t, 1) for t in self._subscriptions])
+        else:
+            self.subscribed.set()
         self.connected.set()
         if self._on_connected_cb is not None:
             self._on_connected_cb()
@@ -168,15 +203,44 @@ class MqttLink:
     ) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         if was_connected:
             log.warning("broker_disconnected", reason=str(reason_code))
+        if self._on_disconnected_cb is not None:
+            self._on_disconnected_cb()
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("subscription_refused", reasons=refused, topics=self._subscriptions)
+        if mid == self._subscribe_mid:
+            self.subscribed.set()
+
+    def _on_unsubscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._unsubscribed.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
             props = msg.properties
             response_topic = getattr(props, "ResponseTopic", None) if props else None
             correlation = getattr(props, "CorrelationData", None) if props else None
-            self._on_message_cb(Inbound(msg.topic, bytes(msg.payload), response_topic, correlation))
+            self._on_message_cb(
+                Inbound(msg.topic, bytes(msg.payload), response_topic, correlation, msg.retain)
+            )
         except Exception:
             # An exception escaping a paho callback would stop the network thread.
             log.exception("message_handler_failed")

@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     BUSY = "busy"
     DUPLICATE = "duplicate"
     SHUTTING_DOWN = "shutting_down"
+    NODE_LOST = "node_lost"
     INTERNAL = "internal"
 
 
@@ -157,6 +158,22 @@ class TopicKind(StrEnum):
 class InboundTopic:
     kind: TopicKind
     client_id: str
+    pooled: bool = False  # sent to the pool, {prefix}/{group}/..., not to this node
+
+
+class WatchKind(StrEnum):
+    REPLY = "reply"
+    STATUS = "status"
+    STATS = "stats"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedTopic:
+    """A message about other nodes: a pooled reply (`name` = client id) or a node's status or
+    stats (`name` = node id)."""
+
+    kind: WatchKind
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +190,10 @@ class Topics:
     @property
     def status(self) -> str:
         return f"{self.base}/status"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}/stats"
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -212,6 +233,76 @@ class Topics:
             and not any(ch in topic for ch in "+#\0")
             and len(topic.encode("utf-8", "replace")) <= 1024
         )
+
+
+def node_filters(prefix: str) -> tuple[str, str]:
+    """Subscriptions to the status and the stats of every node under `prefix`."""
+    return (f"{prefix}/+/status", f"{prefix}/+/stats")
+
+
+def parse_node_topic(prefix: str, topic: str) -> WatchedTopic | None:
+    """`{prefix}/{node}/status` or `{prefix}/{node}/stats` -> the node and which; else None."""
+    head = f"{prefix}/"
+    if not topic.startswith(head):
+        return None
+    node, sep, leaf = topic[len(head) :].partition("/")
+    if not node or not sep or leaf not in (WatchKind.STATUS, WatchKind.STATS):
+        return None
+    return WatchedTopic(WatchKind(leaf), node)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopics:
+    """The topics a node of a pool uses besides its own: the pool's, which have the shape of a
+    node's with the group in place of the node id, and every node's status.
+
+    The broker delivers a shared subscription's messages under the plain topic, without the
+    `$share/{group}/` head, so pooled requests parse like the pool's request topic.
+    """
+
+    own: Topics
+    pool: Topics
+
+    @classmethod
+    def of(cls, prefix: str, node: str, group: str) -> FleetTopics:
+        if node == group:  # settings refuse this too; the topics would be ambiguous
+            raise ValueError("a node may not be named like its pool")
+        return cls(Topics(prefix, node), Topics(prefix, group))
+
+    @property
+    def group(self) -> str:
+        return self.pool.node
+
+    @property
+    def shared_requests(self) -> str:
+        """Each request published to the pool goes to exactly one subscriber of this."""
+        return f"$share/{self.group}/{self.pool.base}/request/+"
+
+    @property
+    def pool_replies(self) -> str:
+        # '#': response topics may have more levels under the client's namespace.
+        return f"{self.pool.base}/reply/#"
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """What the pool link subscribes to; all but the first are seen by every node."""
+        return (
+            self.shared_requests,
+            f"{self.pool.base}/cancel/+",
+            self.pool_replies,
+            node_filters(self.own.prefix)[0],
+        )
+
+    def parse(self, topic: str) -> InboundTopic | WatchedTopic | None:
+        """A pooled request or cancel, another node's pooled reply, or a node's status."""
+        inbound = self.pool.parse(topic)
+        if inbound is not None:
+            return InboundTopic(inbound.kind, inbound.client_id, pooled=True)
+        namespace = f"{self.pool.base}/reply/"
+        if topic.startswith(namespace):
+            client_id, _, rest = topic[len(namespace) :].partition("/")
+            return WatchedTopic(WatchKind.REPLY, client_id) if client_id and rest else None
+        return parse_node_topic(self.own.prefix, topic)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -15,7 +15,16 @@ Publish = Callable[[str, bytes, bytes | None], None]
 class ReplyStream:
     """Numbers and sends the messages of one reply. After done/error it sends nothing more."""
 
-    __slots__ = ("_chunk_head", "_correlation", "_publish", "ended", "request_id", "seq", "topic")
+    __slots__ = (
+        "_chunk_head",
+        "_correlation",
+        "_publish",
+        "ended",
+        "request_id",
+        "seq",
+        "started",
+        "topic",
+    )
 
     def __init__(
         self, publish: Publish, topic: str, request_id: str, correlation: bytes | None = None
@@ -25,6 +34,7 @@ class ReplyStream:
         self.request_id = request_id
         self._correlation = correlation
         self.seq = 0
+        self.started = False
         self.ended = False
         # The chunk message differs only in seq and text: keep its fixed head encoded once.
         self._chunk_head = b'{"type":"chunk","request_id":%s,"seq":' % json.dumps(
@@ -39,8 +49,10 @@ class ReplyStream:
         return encode({"type": kind, "request_id": self.request_id, "seq": self.seq, **fields})
 
     def start(self, node: str, model: str) -> None:
-        if self.ended:
+        """The first message; a second call does nothing (a pooled reply starts on acceptance)."""
+        if self.ended or self.started:
             return
+        self.started = True
         self._send(self._message("start", node=node, model=model))
 
     def chunk(self, text: str) -> None:

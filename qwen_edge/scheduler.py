@@ -38,6 +38,9 @@ class Job:
     stream: ReplyStream
     received: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    # Send `start` on acceptance, not when a slot takes it: a pooled request is then known to
+    # the fleet (and ended by it if this node vanishes) even while it waits in the queue.
+    announce: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -95,8 +98,12 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
+        self._starting = 0  # jobs taken off the queue whose slot is not assigned yet
         self._drain_deadline = float("inf")
         self.heartbeat = time.monotonic()
+        # Read by the stats publisher without locking; plain counters, nothing per token.
+        self.tokens_generated = 0
+        self.requests_done = 0
 
     # -- called from other threads -------------------------------------------------------------
 
@@ -108,10 +115,14 @@ class Scheduler:
                 return ErrorCode.SHUTTING_DOWN
             if job.key in self._jobs:
                 return ErrorCode.DUPLICATE
-            free = sum(1 for s in self._slots if s.job is None)
+            # A job being started has left the queue but not yet taken its slot: without
+            # counting it, a burst arriving meanwhile would overfill the queue by one.
+            free = sum(1 for s in self._slots if s.job is None) - self._starting
             if len(self._waiting) >= self._queue_size + free:
                 return ErrorCode.BUSY
             self._jobs[job.key] = job
+            if job.announce:  # before the loop can see the job, so start stays seq 0
+                job.stream.start(self._node, self._model_name)
             self._waiting.append(job)
             self._wake.notify()
         return None
@@ -185,18 +196,23 @@ class Scheduler:
                     return
                 job = self._waiting.popleft()
                 closing = self._closing
+                if not closing:
+                    self._starting += 1
             if closing:
                 self._end_with_error(job, ErrorCode.SHUTTING_DOWN, "the node is stopping")
-            else:
-                try:
-                    self._start(job, free)
-                except Exception:
-                    log.exception("start_failed", request_id=job.request.request_id)
-                    slot = next((s for s in self._slots if s.job is job), None)
-                    if slot is not None:
-                        self._fail(slot, ErrorCode.INTERNAL, "internal error starting the reply")
-                    else:
-                        self._end_with_error(job, ErrorCode.INTERNAL, "internal error")
+                continue
+            try:
+                self._start(job, free)
+            except Exception:
+                log.exception("start_failed", request_id=job.request.request_id)
+                slot = next((s for s in self._slots if s.job is job), None)
+                if slot is not None:
+                    self._fail(slot, ErrorCode.INTERNAL, "internal error starting the reply")
+                else:
+                    self._end_with_error(job, ErrorCode.INTERNAL, "internal error")
+            finally:
+                with self._lock:
+                    self._starting -= 1
 
     def _start(self, job: Job, free: list[Slot]) -> None:
         req = job.request
@@ -326,6 +342,7 @@ class Scheduler:
             self._finish(slot, FinishReason.STOP)
             return
         slot.generated += 1
+        self.tokens_generated += 1
         text = slot.text.push(self._engine.piece(token))
         if text:
             slot.reply.append(text)
@@ -346,6 +363,7 @@ class Scheduler:
         ttft_ms = (slot.first_token_at - job.received) * 1000 if slot.first_token_at else None
         decode_s = now - slot.first_token_at if slot.first_token_at else 0.0
         tokens_per_s = (slot.generated - 1) / decode_s if slot.generated > 1 and decode_s else None
+        self.requests_done += 1
         reply = "".join(slot.reply)
         if reply or reason is not FinishReason.CANCELLED:  # a turn cancelled unseen is no turn
             self._store.record(

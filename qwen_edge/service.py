@@ -1,8 +1,12 @@
 """Wires the parts and runs the node's life: load, connect, serve, drain, stop.
 
-Start: validate and load the model -> connect -> subscribe -> READY=1.
-Stop (SIGTERM/SIGINT): STOPPING=1 -> stop intake -> finish or cancel in-flight replies -> publish
-offline -> disconnect -> exit 0.
+Start: connect -> load the model -> join the pool -> READY=1.
+Stop (SIGTERM/SIGINT): STOPPING=1 -> leave the pool -> stop intake -> finish or cancel in-flight
+replies -> publish offline -> disconnect -> exit 0.
+
+Two broker links: the main one (persistent session, Last Will, status; node-addressed requests,
+every reply) and, in a fleet, the pool link (clean session; pooled requests and cancels, and what
+the failover watches). Why two: docs/protocol.md, "Fleet".
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import structlog
 from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine, ModelError
+from .failover import Failover
 from .mqtt import Inbound, MqttLink
 from .protocol import (
     ErrorCode,
+    FleetTopics,
+    InboundTopic,
     RequestError,
     TopicKind,
     Topics,
+    WatchKind,
     encode,
     parse_cancel,
     parse_request,
@@ -50,12 +58,19 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix, settings.node_id)
+        self.fleet = (
+            FleetTopics.of(settings.topic_prefix, settings.node_id, settings.fleet.group)
+            if settings.fleet.enabled
+            else None
+        )
         self.model_name = settings.model.display_name
         self.version = package_version()
         self._stop = threading.Event()
         self._started = time.monotonic()
         self._scheduler: Scheduler | None = None
         self._link: MqttLink | None = None
+        self._pool_link: MqttLink | None = None
+        self._failover: Failover | None = None
         self._intake_lock = threading.Lock()
         self._early: list[Inbound] = []  # requests delivered before the model was loaded
 
@@ -69,6 +84,8 @@ class Service:
                 "model": self.model_name,
                 "version": self.version,
                 "protocol": 1,
+                # Pool members count one another by it (failover leader; `qwen-edge fleet`).
+                **({"group": self.fleet.group} if self.fleet else {}),
                 **extra,
             }
         )
@@ -97,43 +114,62 @@ class Service:
                     self._early.append(msg)
                     return
         inbound = self.topics.parse(msg.topic)
-        if inbound is None:
-            return
-        if inbound.kind is TopicKind.CANCEL:
-            self._on_cancel(inbound.client_id, msg.payload)
-        else:
-            self._on_request(inbound.client_id, msg)
+        if inbound is not None:
+            self._on_inbound(inbound, msg, self.topics)
 
-    def _on_cancel(self, client_id: str, payload: bytes) -> None:
+    def _on_pool_message(self, msg: Inbound) -> None:
+        """From the pool link: pooled requests and cancels, pooled replies, node statuses."""
+        assert self.fleet is not None and self._failover is not None
+        route = self.fleet.parse(msg.topic)
+        if isinstance(route, InboundTopic):
+            self._on_inbound(route, msg, self.fleet.pool)
+        elif route is not None and route.kind is WatchKind.REPLY:
+            self._failover.on_reply(msg.topic, msg.payload, msg.correlation)
+        elif route is not None and route.kind is WatchKind.STATUS:
+            self._failover.on_status(route.name, msg.payload, msg.retained)
+
+    def _on_inbound(self, inbound: InboundTopic, msg: Inbound, topics: Topics) -> None:
+        """`topics`: this node's, or the pool's for pooled messages (replies go there)."""
+        if inbound.kind is TopicKind.CANCEL:
+            self._on_cancel(inbound.client_id, msg.payload, topics, inbound.pooled)
+        else:
+            self._on_request(inbound.client_id, msg, topics, inbound.pooled)
+
+    def _on_cancel(self, client_id: str, payload: bytes, topics: Topics, pooled: bool) -> None:
         assert self._scheduler is not None
         cancel = parse_cancel(payload, self.settings.mqtt.max_payload)
         if isinstance(cancel, RequestError):
-            self._send_error(client_id, cancel, None)
+            # Every node gets a pooled cancel; one of them answers a bad one.
+            if not pooled or (self._failover is not None and self._failover.is_leader()):
+                self._send_error(client_id, cancel, None, topics)
             return
+        # A pooled cancel reaches every node; only the one holding the request finds it.
         found = self._scheduler.cancel(client_id, cancel.request_id)
-        log.info("cancel", client_id=client_id, request_id=cancel.request_id, found=found)
+        if found or not pooled:
+            log.info("cancel", client_id=client_id, request_id=cancel.request_id, found=found)
 
-    def _on_request(self, client_id: str, msg: Inbound) -> None:
+    def _on_request(self, client_id: str, msg: Inbound, topics: Topics, pooled: bool) -> None:
         assert self._scheduler is not None and self._link is not None
         parsed = parse_request(msg.payload, self.settings.mqtt.max_payload)
         if isinstance(parsed, RequestError):
-            self._send_error(client_id, parsed, msg)
+            self._send_error(client_id, parsed, msg, topics)
             return
-        topic = self.topics.reply(client_id, parsed.conversation_id)
+        topic = topics.reply(client_id, parsed.conversation_id)
         correlation = None
         if msg.response_topic is not None:
-            if not self.topics.allows_response_topic(client_id, msg.response_topic):
+            if not topics.allows_response_topic(client_id, msg.response_topic):
                 refusal = RequestError(
                     ErrorCode.FORBIDDEN,
-                    f"response topic must lie under {self.topics.reply_namespace(client_id)}",
+                    f"response topic must lie under {topics.reply_namespace(client_id)}",
                     parsed.request_id,
                     parsed.conversation_id,
                 )
-                self._send_error(client_id, refusal, None)
+                self._send_error(client_id, refusal, None, topics)
                 return
             topic, correlation = msg.response_topic, msg.correlation
         stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
-        refused = self._scheduler.submit(Job(client_id, parsed, stream))
+        job = Job(client_id, parsed, stream, announce=pooled)
+        refused = self._scheduler.submit(job)
         if refused is ErrorCode.DUPLICATE:
             log.info("duplicate_ignored", client_id=client_id, request_id=parsed.request_id)
         elif refused is not None:
@@ -143,22 +179,26 @@ class Service:
             }.get(refused, refused.value)
             stream.error(refused, message)
             log.info("request_refused", client_id=client_id, code=refused.value)
+        elif pooled:
+            log.info("pooled_request", client_id=client_id, request_id=parsed.request_id)
 
-    def _send_error(self, client_id: str, error: RequestError, msg: Inbound | None) -> None:
+    def _send_error(
+        self, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
+    ) -> None:
         """An error for a request that never became a job: on its reply topic when we know it,
         else on the client's error topic."""
         assert self._link is not None
         correlation = None
         if error.request_id is not None and error.conversation_id is not None:
-            topic = self.topics.reply(client_id, error.conversation_id)
+            topic = topics.reply(client_id, error.conversation_id)
             if (
                 msg is not None
                 and msg.response_topic is not None
-                and (self.topics.allows_response_topic(client_id, msg.response_topic))
+                and (topics.allows_response_topic(client_id, msg.response_topic))
             ):
                 topic, correlation = msg.response_topic, msg.correlation
         else:
-            topic = self.topics.error(client_id)
+            topic = topics.error(client_id)
         stream = ReplyStream(self._link.publish, topic, error.request_id or "", correlation)
         if error.request_id is None:
             self._link.publish(
@@ -195,10 +235,10 @@ class Service:
             s.mqtt,
             client_id=s.mqtt.client_id or f"qwen-edge-{s.node_id}",
             subscriptions=self.topics.subscriptions,
-            status_topic=self.topics.status,
-            will_payload=self._status("offline", reason="connection lost"),
             on_message=self._on_message,
             on_connected=self._on_connected,
+            status_topic=self.topics.status,
+            will_payload=self._status("offline", reason="connection lost"),
         )
         self._link.start()
 
@@ -239,37 +279,99 @@ class Service:
         for msg in early:
             self._on_message(msg)
         self._on_connected()  # "online" now if connected, else on connect
+        if self.fleet is not None:
+            # Joins the pool only now, loaded: a loading node would sit on its share of pooled
+            # requests. "online" went out first, so the fleet knows us before our replies.
+            self._failover = Failover(s.node_id, self.fleet.group, self._link.publish)
+            self._pool_link = MqttLink(
+                s.mqtt,
+                client_id=f"{s.mqtt.client_id or f'qwen-edge-{s.node_id}'}-pool",
+                subscriptions=self.fleet.subscriptions,
+                on_message=self._on_pool_message,
+                on_disconnected=self._failover.on_link_down,
+                persistent=False,
+            )
+            self._pool_link.start()
         watchdog = threading.Thread(target=self._watchdog, args=(scheduler,), name="watchdog")
         watchdog.start()
 
         systemd_notify.notify(f"STATUS=connecting to {s.mqtt.host}:{s.mqtt.port}")
         began = time.monotonic()
-        while not self._link.connected.wait(0.2):
-            if self._stop.is_set():
+        while not self._serving():
+            if self._stop.wait(0.05):
                 break
         if not self._stop.is_set():
             log.info("ready", seconds_to_connect=round(time.monotonic() - began, 2))
             systemd_notify.notify(
                 "READY=1", f"STATUS=serving {self.model_name} on {self.topics.base}"
             )
+        stats = threading.Thread(target=self._publish_stats, args=(scheduler,), name="stats")
+        stats.start()
         self._stop.wait()
         self._shutdown(scheduler, inference, engine)
         watchdog.join()
+        stats.join()
         return EXIT_OK
+
+    def _serving(self) -> bool:
+        """Both links are subscribed: requests sent from now on reach this node."""
+        assert self._link is not None
+        return self._link.subscribed.is_set() and (
+            self._pool_link is None or self._pool_link.subscribed.is_set()
+        )
 
     def _shutdown(self, scheduler: Scheduler, inference: threading.Thread, engine: Engine) -> None:
         assert self._link is not None
         began = time.monotonic()
         systemd_notify.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping")
+        if self._pool_link is not None and self.fleet is not None:
+            # Pooled requests go to the other nodes from now on, instead of `shutting_down`
+            # here; pooled cancels still reach us during the drain.
+            self._pool_link.unsubscribe(self.fleet.shared_requests)
         # The subscriptions stay in the broker session, so requests sent while the node is down
         # wait for its return; requests that arrive during the drain get `shutting_down`.
         scheduler.stop(self.settings.service.drain_timeout)
         inference.join()
+        if self._pool_link is not None:
+            self._pool_link.stop()
         self._link.wait_flushed(timeout=5.0)
         self._link.stop(self._status("offline", reason="stopped"))
         engine.close()
         log.info("stopped", seconds=round(time.monotonic() - began, 2))
+
+    def _publish_stats(self, scheduler: Scheduler) -> None:
+        """Retained load figures on {prefix}/{node}/stats, at once and every stats_interval."""
+        assert self._link is not None
+        interval = self.settings.fleet.stats_interval
+        if interval <= 0:
+            return
+        tokens, since = scheduler.tokens_generated, time.monotonic()
+        rate = 0.0
+        while True:
+            active, queued = scheduler.load
+            self._link.publish_retained(
+                self.topics.stats,
+                encode(
+                    {
+                        "node": self.settings.node_id,
+                        "model": self.model_name,
+                        "uptime_s": round(time.monotonic() - self._started, 1),
+                        "slots": self.settings.model.slots,
+                        "active_slots": active,
+                        "queue_depth": queued,
+                        "tokens_per_s": round(rate, 2),
+                        "requests_done": scheduler.requests_done,
+                        "ts": round(time.time(), 3),
+                    }
+                ),
+            )
+            if self._stop.wait(interval):
+                return
+            # Tokens generated since the last report, by every slot: the node's decode rate.
+            now, count = time.monotonic(), scheduler.tokens_generated
+            rate = (count - tokens) / (now - since) if now > since else 0.0
+            tokens, since = count, now
 
     def _watchdog(self, scheduler: Scheduler) -> None:
         """Ping systemd while the inference loop is alive; go quiet when it is stuck."""

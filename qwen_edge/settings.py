@@ -12,7 +12,15 @@ import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -153,6 +161,25 @@ class ServiceSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
 
+class FleetSettings(_Section):
+    """Several nodes behind one broker serving a shared request pool."""
+
+    enabled: bool = Field(
+        True, description="Take requests from the pool and end replies of nodes that vanish."
+    )
+    group: str = Field(
+        "pool", description="Pool name: {topic_prefix}/{group}/request/... reaches one node."
+    )
+    stats_interval: float = Field(
+        10.0, ge=0, description="Publish retained load figures this often (seconds; 0: never)."
+    )
+
+    @field_validator("group")
+    @classmethod
+    def _group_is_topic_level(cls, value: str) -> str:
+        return _check_topic_level(value, "fleet.group")
+
+
 class Settings(BaseSettings):
     """The effective configuration of one qwen-edge node."""
 
@@ -174,6 +201,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     conversations: ConversationSettings = Field(default_factory=ConversationSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
 
     @field_validator("node_id")
     @classmethod
@@ -185,6 +213,18 @@ class Settings(BaseSettings):
     def _prefix_is_topic_levels(cls, value: str) -> str:
         for level in value.split("/"):
             _check_topic_level(level, "topic_prefix levels")
+        return value
+
+    @field_validator("fleet")
+    @classmethod
+    def _group_is_not_a_node(cls, value: FleetSettings, info: ValidationInfo) -> FleetSettings:
+        # {prefix}/{group}/reply/... would be both this node's and the pool's reply topic.
+        if value.enabled and value.group == info.data.get("node_id"):
+            raise ValueError(
+                f"group {value.group!r} is also this node's node_id, which makes its topics "
+                "ambiguous; rename the node (QWEN_EDGE_NODE_ID) or the pool "
+                "(QWEN_EDGE_FLEET__GROUP)"
+            )
         return value
 
     @classmethod
