@@ -27,7 +27,11 @@ class ReplyStream:
     )
 
     def __init__(
-        self, publish: Publish, topic: str, request_id: str, correlation: bytes | None = None
+        self,
+        publish: Publish,
+        topic: str,
+        request_id: str | None,  # None: an error for a request whose id could not be read
+        correlation: bytes | None = None,
     ) -> None:
         self._publish = publish
         self.topic = topic

@@ -199,22 +199,8 @@ class Service:
                 topic, correlation = msg.response_topic, msg.correlation
         else:
             topic = topics.error(client_id)
-        stream = ReplyStream(self._link.publish, topic, error.request_id or "", correlation)
-        if error.request_id is None:
-            self._link.publish(
-                topic,
-                encode(
-                    {
-                        "type": "error",
-                        "request_id": None,
-                        "seq": 0,
-                        "code": error.code.value,
-                        "message": error.message,
-                    }
-                ),
-            )
-        else:
-            stream.error(error.code, error.message)
+        stream = ReplyStream(self._link.publish, topic, error.request_id, correlation)
+        stream.error(error.code, error.message)
         log.info(
             "request_rejected", client_id=client_id, code=error.code.value, error=error.message
         )
