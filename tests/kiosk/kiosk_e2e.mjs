@@ -97,6 +97,33 @@ async function startSpyAndFakeNode() {
     fake.requests += 1;
     const replyTopic = `${base}/reply/${client}/${req.conversation_id}`;
     const rid = req.request_id;
+    const send = (m) => f.publishAsync(replyTopic, JSON.stringify({ request_id: rid, ...m }), { qos: 1 });
+    const startMsg = { type: 'start', seq: 0, node: cfg.fake_node, model: 'scripted-reply' };
+    // Faults, chosen by the question.
+    if (req.message === 'busy?') {
+      await send({ type: 'error', seq: 0, code: 'busy', message: 'all slots are busy; retry later' });
+      return;
+    }
+    if (req.message === 'too large?') {
+      // What the node does with an unreadable request: an error with a null request_id.
+      await f.publishAsync(`${base}/error/${client}`, JSON.stringify({ type: 'error', request_id: null, seq: 0, code: 'too_large', message: 'payload too large' }), { qos: 1 });
+      return;
+    }
+    if (req.message === 'restart?') {
+      // The node process dies mid-reply and a new one comes online: the reply will never end.
+      await send(startMsg);
+      await send({ type: 'chunk', seq: 1, text: 'Half a rep' });
+      await sleep(300);
+      fake.pid += 1;
+      await f.publishAsync(`${base}/status`, JSON.stringify({ ...status, pid: fake.pid }), { qos: 1, retain: true });
+      await sleep(300);
+      await send({ type: 'chunk', seq: 2, text: 'LATE' });
+      return;
+    }
+    if (req.message === 'silence?') {
+      await send(startMsg);
+      return;
+    }
     const msgs = [{ type: 'start', request_id: rid, seq: 0, node: cfg.fake_node, model: 'scripted-reply' }];
     const chars = [...SCRIPT];
     for (let i = 0; i < chars.length; i += 7) {
@@ -294,6 +321,30 @@ async function main() {
       await page.context().close();
     });
 
+    await step('faults end a reply visibly: error, unreadable request, node restart, silence', async () => {
+      const page = await openPage('small', { node: cfg.fake_node, reply_timeout: '3' }, { touch: true });
+      await waitState(page, 'connected', 'online');
+      let rid = await ask(page, 'busy?', { touch: true });
+      let r = await waitFinal(page, rid);
+      check(r.state === 'error' && r.note.includes('busy') && r.note.includes('retry later'), `busy ${JSON.stringify(r)}`);
+      rid = await ask(page, 'too large?', { touch: true });
+      r = await waitFinal(page, rid);
+      check(r.state === 'error' && r.note.includes('too_large'), `too_large ${JSON.stringify(r)}`);
+      rid = await ask(page, 'restart?', { touch: true });
+      r = await waitFinal(page, rid);
+      check(r.state === 'interrupted' && r.text.trim() === 'Half a rep' && r.note === 'The assistant restarted during this reply.', `restart ${JSON.stringify(r)}`);
+      await sleep(700);
+      r = await waitFinal(page, rid);
+      check(!r.text.includes('LATE'), 'nothing after the end counts');
+      rid = await ask(page, 'silence?', { touch: true });
+      r = await waitFinal(page, rid, 15000);
+      check(r.state === 'interrupted' && r.note === 'No answer from the assistant.', `silence ${JSON.stringify(r)}`);
+      check(await page.isEnabled('#send'), 'the kiosk can ask again');
+      await shot(page, 'faults-800x480');
+      check(page.errors.length === 0, `page errors: ${page.errors}`);
+      await page.context().close();
+    });
+
     const page = await openPage('small', { max_tokens: '48', temperature: '0' }, { touch: true });
     pages.push(page);
     const clientId = () => page.evaluate(() => localStorage.getItem('qwen-edge-kiosk.client_id'));
@@ -320,6 +371,7 @@ async function main() {
       const rid = await ask(big, 'Write a very long story about a dragon and a knight.');
       await big.waitForFunction((id) => Number(document.querySelector(`.msg.assistant[data-request-id="${id}"]`)?.dataset.chunks) >= 3, rid, { timeout: T });
       check(await big.isVisible('#stop'), 'stop button visible while streaming');
+      await shot(big, 'streaming-1920x1080');
       check(!(await big.isVisible('#send')), 'send hidden while streaming');
       await big.click('#stop');
       const result = await waitFinal(big, rid);
