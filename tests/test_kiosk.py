@@ -178,13 +178,14 @@ def test_dev_broker_config_has_a_websockets_listener(tmp_path: Path) -> None:
 
 class KioskBroker(Broker):
     """The test broker with a WebSockets listener next to its plain one (mosquitto 2.0.11 wants
-    both), as deploy/mosquitto/dev.conf has."""
+    both), as deploy/mosquitto/dev.conf has, which also serves the page (`http_dir`)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, http_dir: Path) -> None:
         super().__init__(workdir)
         self.ws_port = free_port()
         self.conf.write_text(
-            self.conf.read_text() + f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n"
+            self.conf.read_text()
+            + f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\nhttp_dir {http_dir}\n"
         )
 
 
@@ -226,7 +227,7 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
     if not Path(CHROMIUM).exists():
         _unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
     page_url, www = page_server
-    broker = KioskBroker(tmp_path / "broker")
+    broker = KioskBroker(tmp_path / "broker", www)
     broker.start()
     daemon = Daemon(tmp_path / "daemon", broker, SMOLLM, QWEN_EDGE_MODEL__THREADS="1")
     daemon.start()
@@ -239,6 +240,7 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     setup = {
         "page_url": page_url,
+        "broker_page_url": f"http://127.0.0.1:{broker.ws_port}/index.html",
         "mqtt_url": f"mqtt://127.0.0.1:{broker.port}",
         "prefix": PREFIX,
         "node": NODE,
@@ -295,7 +297,7 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
     report = "\n".join(output[-60:]) + "\n" + "".join(stderr)[-4000:]
     assert code == 0, report + "\n--- daemon log ---\n" + daemon.log()[-3000:]
     steps = finished.get("steps")
-    assert isinstance(steps, list) and len(steps) == 10, report
+    assert isinstance(steps, list) and len(steps) == 11, report
     shots = {p.name: _png_size(p) for p in ARTIFACTS.glob("*.png")}
     for name, size in {
         "markdown-1920x1080.png": (1920, 1080),

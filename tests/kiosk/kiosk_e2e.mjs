@@ -153,7 +153,7 @@ async function startSpyAndFakeNode() {
 
 let browser;
 
-async function openPage(size, query, { touch = false } = {}) {
+async function openPage(size, query, { touch = false, url = cfg.page_url } = {}) {
   const context = await browser.newContext({ viewport: SIZES[size], hasTouch: touch, deviceScaleFactor: 1 });
   const page = await context.newPage();
   const errors = [];
@@ -162,7 +162,7 @@ async function openPage(size, query, { touch = false } = {}) {
     if (m.type() === 'error' && !/WebSocket connection|ERR_CONNECTION_REFUSED|config\.json/.test(m.text())) errors.push(m.text());
   });
   page.errors = errors;
-  await page.goto(`${cfg.page_url}?${new URLSearchParams(query)}`);
+  await page.goto(`${url}?${new URLSearchParams(query)}`);
   // Record every change of the newest reply and of the body's link/node state, with the time.
   await page.evaluate(() => {
     window.__seen = [];
@@ -297,6 +297,15 @@ async function main() {
       check(items.some((t) => t.startsWith('node: must be one topic level')), `errors ${items}`);
       check(await page.isDisabled('#send'), 'no sending with a bad configuration');
       await shot(page, 'config-error-800x480');
+      await page.context().close();
+    });
+
+    await step("the page also works served by mosquitto's own http_dir", async () => {
+      const page = await openPage('small', { node: cfg.fake_node }, { url: cfg.broker_page_url });
+      await waitState(page, 'connected', 'online');
+      const style = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+      check(style === 'rgb(15, 20, 25)', `stylesheet applied (${style})`);
+      check(page.errors.length === 0, `page errors: ${page.errors}`);
       await page.context().close();
     });
 

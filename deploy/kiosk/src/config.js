@@ -2,7 +2,7 @@
 // Pure functions (no DOM), so node's test runner checks them.
 
 export const DEFAULTS = Object.freeze({
-  broker: null, // WebSocket URL of the broker; null = ws://<page host>:9001
+  broker: null, // WebSocket URL of the broker; null = ws://<page host>:9001 (wss:// on an https page)
   username: null,
   password: null,
   node: null, // required: the daemon's node_id
@@ -52,8 +52,8 @@ function toNumber(value, key, errors) {
 
 /**
  * Merge the sources (later wins) and check them. Returns {settings, errors}; errors is a list of
- * one-line messages naming the setting. `env` supplies what the page knows: {hostname, language,
- * storedClientId, newClientId()}.
+ * one-line messages naming the setting. `env` supplies what the page knows: {hostname, secure,
+ * language, storedClientId, newClientId()}.
  */
 export function resolveSettings(fileConfig, queryConfig, env) {
   const errors = [];
@@ -92,7 +92,7 @@ export function resolveSettings(fileConfig, queryConfig, env) {
     merged.reply_timeout = DEFAULTS.reply_timeout;
   }
 
-  if (merged.broker === null) merged.broker = `ws://${env.hostname || 'localhost'}:9001`;
+  if (merged.broker === null) merged.broker = `${env.secure ? 'wss' : 'ws'}://${env.hostname || 'localhost'}:9001`;
   else if (!/^wss?:\/\/[^/]/.test(merged.broker)) errors.push(`broker: must be a ws:// or wss:// URL, got "${merged.broker}"`);
 
   if (merged.node === null) errors.push('node: not set (the node_id of the qwen-edge daemon, e.g. ?node=mypi)');

@@ -362,6 +362,7 @@ async function main() {
   let generated = null;
   const { settings, errors } = resolveSettings(file.config, fromQuery(location.search), {
     hostname: location.hostname,
+    secure: location.protocol === 'https:',
     language: navigator.language,
     storedClientId: storedClientId(),
     newClientId: () => {

@@ -13,6 +13,7 @@ test('defaults: broker on the page host, generated client id, language from the 
   assert.equal(settings.lang, 'en');
   assert.equal(settings.reply_timeout, 120);
   assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, language: 'zh-CN' }).settings.lang, 'zh');
+  assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, secure: true }).settings.broker, 'wss://kiosk.local:9001');
   assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, storedClientId: 'kiosk-old' }).settings.client_id, 'kiosk-old');
 });
 
