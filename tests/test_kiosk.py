@@ -297,7 +297,8 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
     report = "\n".join(output[-60:]) + "\n" + "".join(stderr)[-4000:]
     assert code == 0, report + "\n--- daemon log ---\n" + daemon.log()[-3000:]
     steps = finished.get("steps")
-    assert isinstance(steps, list) and len(steps) == 11, report
+    assert isinstance(steps, list) and len(steps) == 12, report
+    (ARTIFACTS / "figures.json").write_text(json.dumps(finished.get("figures"), indent=2) + "\n")
     shots = {p.name: _png_size(p) for p in ARTIFACTS.glob("*.png")}
     for name, size in {
         "markdown-1920x1080.png": (1920, 1080),

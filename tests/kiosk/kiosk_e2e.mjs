@@ -59,6 +59,10 @@ const SCRIPT = [
   '    return f"Hello, {name}!"',
   '```',
   '',
+  '```html',
+  '<b onclick="window.__xss=4">bold</b>',
+  '```',
+  '',
   'Raw HTML stays text: <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>',
   '',
   'See [the manual](javascript:window.__xss=3) for more.',
@@ -118,6 +122,15 @@ async function startSpyAndFakeNode() {
       await f.publishAsync(`${base}/status`, JSON.stringify({ ...status, pid: fake.pid }), { qos: 1, retain: true });
       await sleep(300);
       await send({ type: 'chunk', seq: 2, text: 'LATE' });
+      return;
+    }
+    if (req.message === 'long?') {
+      // A long reply as fast as the broker takes it: 1,500 chunks of Markdown with code.
+      const unit = ['Step **one** of the plan, ', 'with `code` and text. ', '\n\n```js\nconst x = 1;\n```\n\n', '- item 项目\n'];
+      let seq = 0;
+      await send({ ...startMsg, seq: seq++ });
+      for (let i = 0; i < 1500; i++) await send({ type: 'chunk', seq: seq++, text: unit[i % unit.length].slice(0, 1 + (i % 11)) });
+      await send({ type: 'done', seq, finish_reason: 'length', usage: {}, timings: {} });
       return;
     }
     if (req.message === 'silence?') {
@@ -226,6 +239,7 @@ async function shot(page, name) {
 // The scenario.
 
 const steps = [];
+const figures = {};
 async function step(name, fn) {
   const t0 = Date.now();
   await fn();
@@ -250,11 +264,12 @@ async function checkRendering(page, size) {
       td: texts('td'),
       code: texts('pre code'),
       keywords: texts('pre code .hljs-keyword'),
+      htmlTags: texts('pre code .hljs-tag'),
       strings: texts('pre code .hljs-string'),
       lang: texts('.code-lang'),
       paragraphs: texts('p'),
       inlineCode: texts('li code'),
-      dangerous: body.querySelectorAll('img, script, a, iframe, [onerror]').length,
+      dangerous: body.querySelectorAll('img, script, a, iframe, b, [onerror], [onclick]').length,
       links: texts('.link'),
       caret: body.querySelectorAll('.caret').length,
       xss: window.__xss ?? null,
@@ -270,10 +285,11 @@ async function checkRendering(page, size) {
   check(JSON.stringify(dom.inlineCode) === JSON.stringify(['inline code']), 'inline code');
   check(JSON.stringify(dom.th) === JSON.stringify(['Language', 'Greeting']), `table head ${JSON.stringify(dom.th)}`);
   check(JSON.stringify(dom.td) === JSON.stringify(['English', 'Hello', '中文', '你好，世界']), `table cells ${JSON.stringify(dom.td)}`);
-  check(dom.code.length === 1 && dom.code[0] === CODE, `code block ${JSON.stringify(dom.code)}`);
+  check(dom.code.length === 2 && dom.code[0] === CODE, `code block ${JSON.stringify(dom.code)}`);
+  check(dom.code[1] === '<b onclick="window.__xss=4">bold</b>' && dom.htmlTags.length > 0, `HTML code shown as highlighted text ${dom.code[1]}`);
   check(dom.keywords.includes('def') && dom.keywords.includes('return'), `python keywords highlighted ${dom.keywords}`);
   check(dom.strings.length >= 1, 'python string highlighted');
-  check(JSON.stringify(dom.lang) === '["python"]', 'code block labelled with its language');
+  check(JSON.stringify(dom.lang) === '["python","html"]', `code blocks labelled with their language ${dom.lang}`);
   check(dom.paragraphs.includes('Raw HTML stays text: <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'), `raw HTML shown as text: ${dom.paragraphs}`);
   check(dom.paragraphs.includes('这是一段中文说明，用于检查中文字体的显示效果。'), 'Chinese paragraph');
   check(dom.paragraphs.includes('See the manual for more.') && JSON.stringify(dom.links) === '["the manual"]', 'a link is shown as text');
@@ -351,6 +367,26 @@ async function main() {
       check(await page.isEnabled('#send'), 'the kiosk can ask again');
       await shot(page, 'faults-800x480');
       check(page.errors.length === 0, `page errors: ${page.errors}`);
+      await page.context().close();
+    });
+
+    await step('a long, fast reply is rendered once per frame, not once per chunk', async () => {
+      const page = await openPage('large', { node: cfg.fake_node });
+      await waitState(page, 'connected', 'online');
+      await page.evaluate(() => {
+        window.__long = [];
+        new PerformanceObserver((list) => window.__long.push(...list.getEntries().map((e) => e.duration))).observe({ type: 'longtask' });
+      });
+      const t0 = Date.now();
+      const rid = await ask(page, 'long?');
+      const r = await waitFinal(page, rid);
+      const elapsed = Date.now() - t0;
+      check(r.state === 'done' && r.chunks === 1500, `all chunks arrived ${r.chunks}`);
+      const streamed = await streamedBeforeDone(page, rid);
+      const longTasks = await page.evaluate(() => window.__long);
+      figures.long_reply = { chunks: r.chunks, renders: streamed.lengths.length, ms: elapsed, longest_task_ms: Math.max(0, ...longTasks), long_tasks: longTasks.length };
+      log('figures', JSON.stringify(figures.long_reply));
+      check(streamed.lengths.length < r.chunks, 'fewer renders than chunks');
       await page.context().close();
     });
 
@@ -449,7 +485,7 @@ async function main() {
     spyClient.end(true);
     fakeClient.end(true);
   }
-  process.stdout.write(`@@${JSON.stringify({ do: 'finished', steps })}\n`);
+  process.stdout.write(`@@${JSON.stringify({ do: 'finished', steps, figures })}\n`);
 }
 
 main().then(
