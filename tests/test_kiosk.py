@@ -219,6 +219,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -> None:
     """Type, watch the reply stream in, Markdown and code render, stop cancels, offline shows
     when the daemon stops, reconnection after a broker restart: at 800x480 and 1920x1080."""
@@ -228,9 +229,7 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
         _unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
     page_url, www = page_server
     broker = KioskBroker(tmp_path / "broker", www)
-    broker.start()
     daemon = Daemon(tmp_path / "daemon", broker, SMOLLM, QWEN_EDGE_MODEL__THREADS="1")
-    daemon.start()
     # Settings from config.json (broker, title); the page's URL adds the rest (node, ...).
     (www / "config.json").write_text(
         json.dumps(
@@ -249,20 +248,24 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
         "artifacts": str(ARTIFACTS),
         "timeout_ms": 180_000,
     }
-    proc = subprocess.Popen(
-        [node, str(E2E)],
-        env={**os.environ, "KIOSK_E2E": json.dumps(setup)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    stderr: list[str] = []
-    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
     output: list[str] = []
+    stderr: list[str] = []
     finished: dict[str, object] = {}
+    proc: subprocess.Popen[str] | None = None
     try:
+        broker.start()
+        daemon.start()
+        proc = subprocess.Popen(
+            [node, str(E2E)],
+            env={**os.environ, "KIOSK_E2E": json.dumps(setup)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        err = proc.stderr
+        threading.Thread(target=lambda: stderr.extend(err), daemon=True).start()
         for line in proc.stdout:
             if not line.startswith("@@"):
                 output.append(line.rstrip())
@@ -289,7 +292,7 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
             proc.stdin.flush()
         code = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         daemon.stop()

@@ -175,6 +175,12 @@ async function openPage(size, query, { touch = false, url = cfg.page_url } = {})
     if (m.type() === 'error' && !/WebSocket connection|ERR_CONNECTION_REFUSED|config\.json/.test(m.text())) errors.push(m.text());
   });
   page.errors = errors;
+  // The kiosk has no internet: everything the page loads must come from the kiosk's own server.
+  page.external = [];
+  page.on('request', (r) => {
+    const u = new URL(r.url());
+    if (!['data:', 'blob:'].includes(u.protocol) && u.hostname !== '127.0.0.1') page.external.push(r.url());
+  });
   await page.goto(`${url}?${new URLSearchParams(query)}`);
   // Record every change of the newest reply and of the body's link/node state, with the time.
   await page.evaluate(() => {
@@ -297,6 +303,7 @@ async function checkRendering(page, size) {
   check(dom.caret === 0, 'no caret once done');
   check(dom.fontSize >= (size === 'small' ? 18 : 24), `large type (${dom.fontSize}px)`);
   check(dom.scrolledToEnd, 'the conversation follows the reply to its end');
+  check(page.external.length === 0, `requests outside the kiosk's server: ${page.external}`);
   return rid;
 }
 
