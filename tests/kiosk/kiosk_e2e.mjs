@@ -63,6 +63,10 @@ const SCRIPT = [
   '<b onclick="window.__xss=4">bold</b>',
   '```',
   '',
+  '```',
+  'SELECT name FROM users WHERE id = 1;',
+  '```',
+  '',
   'Raw HTML stays text: <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>',
   '',
   'See [the manual](javascript:window.__xss=3) for more.',
@@ -291,7 +295,8 @@ async function checkRendering(page, size) {
   check(JSON.stringify(dom.inlineCode) === JSON.stringify(['inline code']), 'inline code');
   check(JSON.stringify(dom.th) === JSON.stringify(['Language', 'Greeting']), `table head ${JSON.stringify(dom.th)}`);
   check(JSON.stringify(dom.td) === JSON.stringify(['English', 'Hello', '中文', '你好，世界']), `table cells ${JSON.stringify(dom.td)}`);
-  check(dom.code.length === 2 && dom.code[0] === CODE, `code block ${JSON.stringify(dom.code)}`);
+  check(dom.code.length === 3 && dom.code[0] === CODE, `code block ${JSON.stringify(dom.code)}`);
+  check(dom.code[2] === 'SELECT name FROM users WHERE id = 1;' && dom.keywords.includes('SELECT'), `unlabelled code: language guessed once complete ${dom.keywords}`);
   check(dom.code[1] === '<b onclick="window.__xss=4">bold</b>' && dom.htmlTags.length > 0, `HTML code shown as highlighted text ${dom.code[1]}`);
   check(dom.keywords.includes('def') && dom.keywords.includes('return'), `python keywords highlighted ${dom.keywords}`);
   check(dom.strings.length >= 1, 'python string highlighted');

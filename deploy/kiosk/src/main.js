@@ -270,7 +270,7 @@ class Kiosk {
     el.dataset.chunks = String(reply.chunks);
     if (reply.finishReason) el.dataset.finish = reply.finishReason;
     if (entry.rendered !== reply.text || reply.final) {
-      body.innerHTML = renderMarkdown(reply.text);
+      body.innerHTML = renderMarkdown(reply.text, reply.final);
       entry.rendered = reply.text;
     }
     if (!reply.final && reply.state === 'streaming') {

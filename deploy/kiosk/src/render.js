@@ -31,13 +31,14 @@ function escapeHtml(s) {
 const highlighted = new Map();
 const HIGHLIGHT_CACHE = 64;
 
-function highlight(code, lang) {
+function highlight(code, lang, complete) {
+  const known = lang && hljs.getLanguage(lang);
+  // Guessing the language tries every one: only once the block is complete, not every frame.
+  if (!known && (!complete || code.length > 4000)) return escapeHtml(code);
   const key = `${lang}\u0000${code}`;
   let html = highlighted.get(key);
   if (html === undefined) {
-    if (lang && hljs.getLanguage(lang)) html = hljs.highlight(code, { language: lang, ignoreIllegals: true }).value;
-    else if (code.length <= 4000) html = hljs.highlightAuto(code).value;
-    else html = escapeHtml(code);
+    html = known ? hljs.highlight(code, { language: lang, ignoreIllegals: true }).value : hljs.highlightAuto(code).value;
     if (highlighted.size >= HIGHLIGHT_CACHE) highlighted.delete(highlighted.keys().next().value);
     highlighted.set(key, html);
   }
@@ -49,10 +50,11 @@ const marked = new Marked({
   breaks: false,
   async: false,
   renderer: {
-    code({ text, lang }) {
+    code({ text, lang, raw, codeBlockStyle }) {
       const language = (lang || '').trim().split(/\s+/)[0].toLowerCase();
       const label = language ? `<span class="code-lang">${escapeHtml(language)}</span>` : '';
-      return `<pre>${label}<code class="hljs">${highlight(text.replace(/\n$/, ''), language)}</code></pre>\n`;
+      const complete = final || codeBlockStyle === 'indented' || /\n {0,3}(`{3,}|~{3,})\s*$/.test(raw);
+      return `<pre>${label}<code class="hljs">${highlight(text.replace(/\n$/, ''), language, complete)}</code></pre>\n`;
     },
     html({ text }) {
       return escapeHtml(text);
@@ -75,7 +77,14 @@ const PURIFY = {
   ALLOW_DATA_ATTR: false,
 };
 
-/** Markdown -> sanitised HTML string. */
-export function renderMarkdown(text) {
-  return DOMPurify.sanitize(marked.parse(text), PURIFY);
+let final = false; // the text is a whole reply: a code block left open is complete all the same
+
+/** Markdown -> sanitised HTML string; `isFinal`: the reply has ended. */
+export function renderMarkdown(text, isFinal) {
+  final = isFinal;
+  try {
+    return DOMPurify.sanitize(marked.parse(text), PURIFY);
+  } finally {
+    final = false;
+  }
 }
