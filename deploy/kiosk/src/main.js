@@ -3,6 +3,7 @@
 
 import './style.css';
 import mqtt from 'mqtt';
+import { stableEnd } from './blocks.js';
 import { buildRequest, fromQuery, newId, resolveSettings, topicsFor } from './config.js';
 import { STRINGS } from './i18n.js';
 import { Reply, parseReplyMessage } from './replies.js';
@@ -52,7 +53,7 @@ class Kiosk {
     this.t = STRINGS[settings.lang];
     this.topics = topicsFor(settings);
     this.conversationId = newId('c');
-    this.entries = new Map(); // request_id -> {reply, el, body, note, lastActivity, pid, stopSentAt, rendered}
+    this.entries = new Map(); // request_id -> entry (see send())
     this.active = null; // the entry whose reply is in flight
     this.node = { state: 'unknown', pid: null, model: null, reason: null };
     this.link = 'connecting';
@@ -198,11 +199,25 @@ class Kiosk {
     el.dataset.requestId = requestId;
     const body = document.createElement('div');
     body.className = 'body';
+    const tail = document.createElement('div');
+    tail.className = 'seg';
+    body.append(tail);
     const note = document.createElement('span');
     note.className = 'note';
     el.append(body, note);
     $('log').append(user, el);
-    const entry = { reply: new Reply(requestId), el, body, note, lastActivity: Date.now(), pid: null, stopSentAt: null, rendered: null };
+    const entry = {
+      reply: new Reply(requestId),
+      el,
+      body,
+      tail, // while streaming: the text after `cut`, rendered again every frame
+      cut: 0, // the text before it is rendered once, in segments before `tail`
+      note,
+      lastActivity: Date.now(),
+      pid: null,
+      stopSentAt: null,
+      rendered: '', // the text rendered so far; null once the final rendering is done
+    };
     this.entries.set(requestId, entry);
     this.active = entry;
     const request = buildRequest(this.settings, requestId, this.conversationId, text);
@@ -269,12 +284,26 @@ class Kiosk {
     el.dataset.state = reply.state;
     el.dataset.chunks = String(reply.chunks);
     if (reply.finishReason) el.dataset.finish = reply.finishReason;
-    if (entry.rendered !== reply.text || reply.final) {
-      body.innerHTML = renderMarkdown(reply.text, reply.final);
+    if (reply.final) {
+      // Once, the whole reply in one piece: exactly what Markdown makes of it.
+      if (entry.rendered !== null) body.innerHTML = renderMarkdown(reply.text, true);
+      entry.rendered = null;
+    } else if (entry.rendered !== reply.text) {
+      // While streaming, only the blocks still growing are rendered again: a frame costs about
+      // the same at the end of a long reply as at its start.
+      const cut = stableEnd(reply.text, entry.cut);
+      if (cut > entry.cut) {
+        const seg = document.createElement('div');
+        seg.className = 'seg';
+        seg.innerHTML = renderMarkdown(reply.text.slice(entry.cut, cut), false);
+        entry.tail.before(seg);
+        entry.cut = cut;
+      }
+      entry.tail.innerHTML = renderMarkdown(reply.text.slice(entry.cut), false);
       entry.rendered = reply.text;
     }
     if (!reply.final && reply.state === 'streaming') {
-      let target = body;
+      let target = entry.tail;
       while (target.lastElementChild && !['PRE', 'TABLE', 'HR', 'BR'].includes(target.lastElementChild.tagName)) {
         target = target.lastElementChild;
       }
