@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { ID_PATTERN, buildRequest, fromQuery, newId, resolveSettings, topicsFor } from '../src/config.js';
 
@@ -92,4 +93,11 @@ test('ids match the protocol pattern and requests carry only what is set', () =>
   assert.deepEqual(buildRequest(s2, 'r1', 'c1', 'hi'), {
     request_id: 'r1', conversation_id: 'c1', message: 'hi', system: 'Be brief.', max_tokens: 10, temperature: 0,
   });
+});
+
+test('config.example.json is a valid configuration', () => {
+  const file = JSON.parse(readFileSync(new URL('../config.example.json', import.meta.url), 'utf8'));
+  const { settings, errors } = resolveSettings(file, {}, env);
+  assert.deepEqual(errors, []);
+  assert.equal(settings.node, 'mypi');
 });
