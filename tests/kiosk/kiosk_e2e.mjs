@@ -274,6 +274,11 @@ async function step(name, fn) {
 
 async function checkRendering(page, size) {
   const rid = await ask(page, 'Show me what you can render.', { touch: size === 'small' });
+  if (size === 'large') {
+    // Mid-stream: the finished blocks and the growing one, with the caret.
+    await page.waitForFunction((id) => Number(document.querySelector(`.msg.assistant[data-request-id="${id}"]`)?.dataset.chunks) >= 40, rid, { timeout: T, polling: 10 });
+    await shot(page, 'markdown-streaming-1920x1080');
+  }
   const result = await waitFinal(page, rid);
   check(result.state === 'done' && result.finish === 'stop', `scripted reply ended ${JSON.stringify(result)}`);
   const streamed = await streamedBeforeDone(page, rid);
