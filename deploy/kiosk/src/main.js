@@ -1,0 +1,412 @@
+// The kiosk page: settings, the MQTT link (MQTT 5 over WebSockets, persistent session, QoS 1),
+// the conversation on screen, and rendering at most once per animation frame.
+
+import './style.css';
+import mqtt from 'mqtt';
+import { stableEnd } from './blocks.js';
+import { buildRequest, fromQuery, newId, resolveSettings, topicsFor } from './config.js';
+import { STRINGS } from './i18n.js';
+import { Reply, parseReplyMessage } from './replies.js';
+import { renderMarkdown } from './render.js';
+
+const CLIENT_ID_KEY = 'qwen-edge-kiosk.client_id';
+const SESSION_EXPIRY_S = 3600; // the broker keeps the kiosk's subscriptions and queued replies 1 h
+const STOP_GRACE_MS = 10000; // after Stop, wait this long for the node's `done` before giving up
+
+const $ = (id) => document.getElementById(id);
+
+async function loadConfigFile() {
+  let response;
+  try {
+    response = await fetch('config.json', { cache: 'no-store' });
+  } catch {
+    return { config: null, error: null }; // opened from file:// or the server is gone: no file
+  }
+  if (response.status === 404) return { config: null, error: null };
+  if (!response.ok) return { config: null, error: `config.json: HTTP ${response.status}` };
+  try {
+    return { config: JSON.parse(await response.text()), error: null };
+  } catch (e) {
+    return { config: null, error: `config.json: invalid JSON (${e.message})` };
+  }
+}
+
+function storedClientId() {
+  try {
+    return localStorage.getItem(CLIENT_ID_KEY);
+  } catch {
+    return null;
+  }
+}
+
+function rememberClientId(id) {
+  try {
+    localStorage.setItem(CLIENT_ID_KEY, id);
+  } catch {
+    // private mode: the id lives as long as the page
+  }
+}
+
+class Kiosk {
+  constructor(settings) {
+    this.settings = settings;
+    this.t = STRINGS[settings.lang];
+    this.topics = topicsFor(settings);
+    this.conversationId = newId('c');
+    this.entries = new Map(); // request_id -> entry (see send())
+    this.active = null; // the entry whose reply is in flight
+    this.node = { state: 'unknown', pid: null, model: null, reason: null };
+    this.link = 'connecting';
+    this.linkError = null;
+    this.dirty = new Set();
+    this.frame = 0;
+    this.client = null;
+  }
+
+  start() {
+    const { t, settings } = this;
+    document.title = settings.title;
+    document.documentElement.lang = settings.lang === 'zh' ? 'zh-CN' : 'en';
+    $('title').textContent = settings.title;
+    $('new').textContent = t.newConversation;
+    $('send').textContent = t.send;
+    $('stop').textContent = t.stop;
+    $('empty').textContent = t.empty;
+    $('input').placeholder = t.placeholder;
+    document.body.dataset.conversation = this.conversationId;
+
+    $('ask').addEventListener('submit', (e) => {
+      e.preventDefault();
+      this.send();
+    });
+    $('input').addEventListener('keydown', (e) => {
+      // Enter sends; Shift+Enter is a new line; Enter that confirms an IME composition (Chinese
+      // input) is not a send.
+      if (e.key === 'Enter' && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
+        e.preventDefault();
+        this.send();
+      }
+    });
+    $('input').addEventListener('input', () => this.fitInput());
+    $('stop').addEventListener('click', () => this.stop());
+    $('new').addEventListener('click', () => this.newConversation());
+    setInterval(() => this.tick(), 1000);
+    this.connect();
+    this.updateChrome();
+  }
+
+  connect() {
+    const { settings, topics } = this;
+    this.client = mqtt.connect(settings.broker, {
+      protocolVersion: 5,
+      clientId: settings.client_id,
+      clean: false,
+      properties: { sessionExpiryInterval: SESSION_EXPIRY_S },
+      username: settings.username ?? undefined,
+      password: settings.password ?? undefined,
+      keepalive: 30,
+      reconnectPeriod: 2000,
+      connectTimeout: 10000,
+      resubscribe: false, // subscribed on every connect below, which also brings the retained status
+    });
+    this.client.on('connect', () => {
+      this.link = 'connected';
+      this.linkError = null;
+      this.client.subscribe([topics.replies, topics.error, topics.status], { qos: 1 });
+      this.updateChrome();
+    });
+    this.client.on('reconnect', () => this.setLink('reconnecting'));
+    this.client.on('close', () => this.setLink(this.link === 'connecting' ? 'connecting' : 'reconnecting'));
+    this.client.on('error', (err) => {
+      this.linkError = err && err.message ? err.message : String(err);
+      this.updateChrome();
+    });
+    this.client.on('message', (topic, payload) => this.onMessage(topic, payload.toString()));
+  }
+
+  setLink(state) {
+    if (this.link === state) return;
+    this.link = state;
+    this.updateChrome();
+  }
+
+  onMessage(topic, payload) {
+    const { topics } = this;
+    if (topic === topics.status) this.onStatus(payload);
+    else if (topic === topics.error) this.onError(payload);
+    else {
+      const parsed = parseReplyMessage(topic, topics.replyPrefix, payload);
+      const entry = parsed && this.entries.get(parsed.msg.request_id);
+      if (!entry) return; // not a reply this page asked for (e.g. from before a reload)
+      if (entry.reply.receive(parsed.msg)) {
+        entry.lastActivity = Date.now();
+        if (entry.pid === null && entry.reply.state !== 'waiting') entry.pid = this.node.pid;
+        this.markDirty(entry);
+      }
+    }
+  }
+
+  onStatus(payload) {
+    let status;
+    try {
+      status = JSON.parse(payload);
+    } catch {
+      return;
+    }
+    if (status === null || typeof status !== 'object') return;
+    const state = ['online', 'starting', 'offline'].includes(status.state) ? status.state : 'unknown';
+    const pid = Number.isInteger(status.pid) ? status.pid : null;
+    this.node = { state, pid, model: typeof status.model === 'string' ? status.model : null, reason: status.reason ?? null };
+    // A node process that restarted does not resume the replies its predecessor had started.
+    if (state !== 'offline' && pid !== null) {
+      for (const entry of this.entries.values()) {
+        if (entry.pid !== null && entry.pid !== pid && entry.reply.interrupt('restarted')) this.markDirty(entry);
+      }
+    }
+    this.updateChrome();
+  }
+
+  onError(payload) {
+    let msg;
+    try {
+      msg = JSON.parse(payload);
+    } catch {
+      return;
+    }
+    if (msg === null || typeof msg !== 'object') return;
+    let entry = typeof msg.request_id === 'string' ? this.entries.get(msg.request_id) : null;
+    // An error without a readable request_id (e.g. too_large) can only be about the request in
+    // flight that has not started.
+    if (!entry && msg.request_id === null && this.active && this.active.reply.state === 'waiting') entry = this.active;
+    if (entry && entry.reply.fail(String(msg.code ?? 'internal'), String(msg.message ?? ''))) this.markDirty(entry);
+  }
+
+  canSend() {
+    return this.link === 'connected' && (this.node.state === 'online' || this.node.state === 'starting') && !this.active;
+  }
+
+  send() {
+    const input = $('input');
+    const text = input.value.trim();
+    if (!text || !this.canSend()) return;
+    const requestId = newId('r');
+    $('empty').hidden = true;
+    const user = document.createElement('div');
+    user.className = 'msg user';
+    user.textContent = text;
+    const el = document.createElement('div');
+    el.className = 'msg assistant';
+    el.dataset.requestId = requestId;
+    const body = document.createElement('div');
+    body.className = 'body';
+    const tail = document.createElement('div');
+    tail.className = 'seg';
+    body.append(tail);
+    const note = document.createElement('span');
+    note.className = 'note';
+    el.append(body, note);
+    $('log').append(user, el);
+    const entry = {
+      reply: new Reply(requestId),
+      el,
+      body,
+      tail, // while streaming: the text after `cut`, rendered again every frame
+      cut: 0, // the text before it is rendered once, in segments before `tail`
+      note,
+      lastActivity: Date.now(),
+      pid: null,
+      stopSentAt: null,
+      rendered: '', // the text rendered so far; null once the final rendering is done
+    };
+    this.entries.set(requestId, entry);
+    this.active = entry;
+    const request = buildRequest(this.settings, requestId, this.conversationId, text);
+    this.client.publish(this.topics.request, JSON.stringify(request), { qos: 1 });
+    input.value = '';
+    this.fitInput();
+    this.markDirty(entry);
+    this.scrollToEnd();
+  }
+
+  stop() {
+    const entry = this.active;
+    if (!entry || entry.reply.final || entry.stopSentAt !== null) return;
+    entry.stopSentAt = Date.now();
+    this.client.publish(this.topics.cancel, JSON.stringify({ request_id: entry.reply.requestId }), { qos: 1 });
+    this.updateChrome();
+  }
+
+  newConversation() {
+    if (this.active) this.stop();
+    this.active = null;
+    this.entries.clear();
+    this.dirty.clear();
+    const log = $('log');
+    const empty = $('empty');
+    log.replaceChildren(empty);
+    empty.hidden = false;
+    this.conversationId = newId('c');
+    document.body.dataset.conversation = this.conversationId;
+    this.updateChrome();
+    $('input').focus();
+  }
+
+  tick() {
+    const entry = this.active;
+    if (!entry || entry.reply.final) return;
+    const now = Date.now();
+    if (entry.stopSentAt !== null && now - entry.stopSentAt > STOP_GRACE_MS) {
+      if (entry.reply.interrupt('stopped')) this.markDirty(entry);
+    } else if (now - entry.lastActivity > this.settings.reply_timeout * 1000) {
+      if (entry.reply.interrupt('timeout')) this.markDirty(entry);
+    }
+  }
+
+  markDirty(entry) {
+    this.dirty.add(entry);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
+  }
+
+  // Runs at most once per frame, however many chunks arrived since the last one.
+  flush() {
+    this.frame = 0;
+    const follow = this.nearEnd();
+    for (const entry of this.dirty) this.renderEntry(entry);
+    this.dirty.clear();
+    if (this.active && this.active.reply.final) this.active = null;
+    this.updateChrome();
+    if (follow) this.scrollToEnd();
+  }
+
+  renderEntry(entry) {
+    const { reply, el, body, note } = entry;
+    const { t } = this;
+    el.dataset.state = reply.state;
+    el.dataset.chunks = String(reply.chunks);
+    if (reply.finishReason) el.dataset.finish = reply.finishReason;
+    if (reply.final) {
+      // Once, the whole reply in one piece: exactly what Markdown makes of it.
+      if (entry.rendered !== null) body.innerHTML = renderMarkdown(reply.text, true);
+      entry.rendered = null;
+    } else if (entry.rendered !== reply.text) {
+      // While streaming, only the blocks still growing are rendered again: a frame costs about
+      // the same at the end of a long reply as at its start.
+      const cut = stableEnd(reply.text, entry.cut);
+      if (cut > entry.cut) {
+        const seg = document.createElement('div');
+        seg.className = 'seg';
+        seg.innerHTML = renderMarkdown(reply.text.slice(entry.cut, cut), false);
+        entry.tail.before(seg);
+        entry.cut = cut;
+      }
+      entry.tail.innerHTML = renderMarkdown(reply.text.slice(entry.cut), false);
+      entry.rendered = reply.text;
+    }
+    if (!reply.final && reply.state === 'streaming') {
+      let target = entry.tail;
+      while (target.lastElementChild && !['PRE', 'TABLE', 'HR', 'BR'].includes(target.lastElementChild.tagName)) {
+        target = target.lastElementChild;
+      }
+      const caret = document.createElement('span');
+      caret.className = 'caret';
+      target.append(caret);
+    }
+    let text = '';
+    if (reply.state === 'done' && reply.finishReason === 'cancelled') text = t.cancelled;
+    else if (reply.state === 'done' && reply.finishReason === 'length') text = t.length;
+    else if (reply.state === 'error') text = `${t.errorPrefix} (${reply.errorCode}): ${reply.errorMessage}`;
+    else if (reply.state === 'interrupted') {
+      text = { timeout: t.timeout, restarted: t.restarted, stopped: t.cancelled }[reply.errorCode] ?? t.interrupted;
+    }
+    note.textContent = text;
+    note.hidden = !text;
+  }
+
+  nearEnd() {
+    const log = $('log');
+    return log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+  }
+
+  scrollToEnd() {
+    const log = $('log');
+    log.scrollTop = log.scrollHeight;
+  }
+
+  fitInput() {
+    const input = $('input');
+    input.style.height = 'auto';
+    input.style.height = `${input.scrollHeight + 2}px`;
+  }
+
+  updateChrome() {
+    const { t, node, link } = this;
+    document.body.dataset.link = link;
+    document.body.dataset.node = node.state;
+    let status;
+    if (link !== 'connected') status = link === 'connecting' ? t.connecting : t.reconnecting;
+    else if (node.state === 'online') status = node.model ? `${t.online} · ${node.model}` : t.online;
+    else if (node.state === 'starting') status = t.starting;
+    else if (node.state === 'offline') status = t.offline;
+    else status = t.waitingNode;
+    $('status').textContent = status;
+
+    const banner = $('banner');
+    let bannerText = '';
+    if (link === 'reconnecting') bannerText = this.linkError ? `${t.brokerBanner} (${this.linkError})` : t.brokerBanner;
+    else if (link === 'connected' && node.state === 'offline') bannerText = t.offlineBanner;
+    else if (link === 'connecting' && this.linkError) bannerText = `${t.brokerBanner} (${this.linkError})`;
+    banner.textContent = bannerText;
+    banner.hidden = !bannerText;
+
+    const inFlight = this.active !== null && !this.active.reply.final;
+    $('send').hidden = inFlight;
+    $('send').disabled = !this.canSend();
+    $('stop').hidden = !inFlight;
+    $('stop').disabled = inFlight && this.active.stopSentAt !== null;
+    $('stop').textContent = inFlight && this.active.stopSentAt !== null ? t.stopping : t.stop;
+  }
+}
+
+function showConfigErrors(errors, lang) {
+  const t = STRINGS[lang] || STRINGS.en;
+  const box = document.createElement('div');
+  box.className = 'config-error';
+  const h = document.createElement('h2');
+  h.textContent = t.configError;
+  const ul = document.createElement('ul');
+  for (const e of errors) {
+    const li = document.createElement('li');
+    li.textContent = e;
+    ul.append(li);
+  }
+  box.append(h, ul);
+  $('log').replaceChildren(box);
+  document.body.dataset.link = 'config-error';
+  $('status').textContent = t.configError;
+  for (const id of ['input', 'send', 'new']) $(id).disabled = true;
+}
+
+async function main() {
+  const file = await loadConfigFile();
+  let generated = null;
+  const { settings, errors } = resolveSettings(file.config, fromQuery(location.search), {
+    hostname: location.hostname,
+    secure: location.protocol === 'https:',
+    language: navigator.language,
+    storedClientId: storedClientId(),
+    newClientId: () => {
+      generated = `kiosk-${Math.random().toString(36).slice(2, 10)}`;
+      return generated;
+    },
+  });
+  if (file.error) errors.unshift(file.error);
+  if (errors.length) {
+    showConfigErrors(errors, settings.lang);
+    return;
+  }
+  if (generated !== null) rememberClientId(generated); // the same id, so the same session, next time
+  const kiosk = new Kiosk(settings);
+  kiosk.start();
+}
+
+main();

@@ -1,0 +1,103 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { ID_PATTERN, buildRequest, fromQuery, newId, resolveSettings, topicsFor } from '../src/config.js';
+
+const env = { hostname: 'kiosk.local', language: 'en-GB', storedClientId: null, newClientId: () => 'kiosk-new' };
+
+test('defaults: broker on the page host, generated client id, language from the browser', () => {
+  const { settings, errors } = resolveSettings(null, { node: 'pi' }, env);
+  assert.deepEqual(errors, []);
+  assert.equal(settings.broker, 'ws://kiosk.local:9001');
+  assert.equal(settings.client_id, 'kiosk-new');
+  assert.equal(settings.prefix, 'qwen-edge');
+  assert.equal(settings.lang, 'en');
+  assert.equal(settings.reply_timeout, 120);
+  assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, language: 'zh-CN' }).settings.lang, 'zh');
+  assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, secure: true }).settings.broker, 'wss://kiosk.local:9001');
+  assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, storedClientId: 'kiosk-old' }).settings.client_id, 'kiosk-old');
+});
+
+test('the URL overrides config.json, which overrides the defaults', () => {
+  const file = { broker: 'wss://broker:8443/mqtt', node: 'a', username: 'u', password: 'p', lang: 'zh', max_tokens: 64 };
+  const query = fromQuery('?node=b&max_tokens=32&temperature=0&ignored=1&client_id=k9');
+  const { settings, errors } = resolveSettings(file, query, env);
+  assert.deepEqual(errors, []);
+  assert.equal(settings.broker, 'wss://broker:8443/mqtt');
+  assert.equal(settings.node, 'b');
+  assert.equal(settings.max_tokens, 32);
+  assert.equal(settings.temperature, 0);
+  assert.equal(settings.client_id, 'k9');
+  assert.equal(settings.username, 'u');
+  assert.equal(settings.lang, 'zh');
+  assert.equal('ignored' in settings, false);
+});
+
+test('every bad setting is named', () => {
+  const cases = [
+    [{}, /^node: not set/],
+    [{ node: 'a/b' }, /^node: must be one topic level/],
+    [{ node: '+' }, /^node:/],
+    [{ node: 'pi', client_id: 'k#' }, /^client_id:/],
+    [{ node: 'pi', prefix: 'a//b' }, /^prefix:/],
+    [{ node: 'pi', prefix: 'a/+' }, /^prefix:/],
+    [{ node: 'pi', broker: 'http://x:9001' }, /^broker: must be a ws/],
+    [{ node: 'pi', broker: 'mqtt://x:1883' }, /^broker:/],
+    [{ node: 'pi', max_tokens: 'ten' }, /^max_tokens: not a number/],
+    [{ node: 'pi', max_tokens: '0' }, /^max_tokens: must be an integer/],
+    [{ node: 'pi', max_tokens: '1.5' }, /^max_tokens: must be an integer/],
+    [{ node: 'pi', temperature: '9' }, /^temperature:/],
+    [{ node: 'pi', reply_timeout: '-1' }, /^reply_timeout:/],
+    [{ node: 'pi', lang: 'fr' }, /^lang:/],
+  ];
+  for (const [query, pattern] of cases) {
+    const { errors } = resolveSettings(null, query, env);
+    assert.equal(errors.length, 1, `${JSON.stringify(query)} -> ${JSON.stringify(errors)}`);
+    assert.match(errors[0], pattern);
+  }
+});
+
+test('config.json must be an object of known settings with the right types', () => {
+  assert.match(resolveSettings([], { node: 'pi' }, env).errors[0], /^config.json: not a JSON object/);
+  assert.match(resolveSettings('x', { node: 'pi' }, env).errors[0], /^config.json: not a JSON object/);
+  assert.match(resolveSettings({ nod: 'pi' }, { node: 'pi' }, env).errors[0], /unknown setting "nod"/);
+  assert.match(resolveSettings({ node: 5 }, {}, env).errors[0], /^node: must be a string/);
+  assert.match(resolveSettings({ node: 'pi', max_tokens: true }, {}, env).errors[0], /^max_tokens: not a number/);
+});
+
+test('an empty query value means "not set"', () => {
+  const { settings, errors } = resolveSettings({ node: 'pi', username: 'u' }, fromQuery('?username=&max_tokens='), env);
+  assert.deepEqual(errors, []);
+  assert.equal(settings.username, null);
+  assert.equal(settings.max_tokens, null);
+});
+
+test('topics follow docs/protocol.md, with a prefix of several levels', () => {
+  const { settings } = resolveSettings(null, { node: 'pi', client_id: 'k1', prefix: 'site/qe' }, env);
+  assert.deepEqual({ ...topicsFor(settings) }, {
+    request: 'site/qe/pi/request/k1',
+    cancel: 'site/qe/pi/cancel/k1',
+    replies: 'site/qe/pi/reply/k1/#',
+    replyPrefix: 'site/qe/pi/reply/k1/',
+    error: 'site/qe/pi/error/k1',
+    status: 'site/qe/pi/status',
+  });
+});
+
+test('ids match the protocol pattern and requests carry only what is set', () => {
+  for (let i = 0; i < 200; i++) assert.match(newId('r'), ID_PATTERN);
+  assert.match(newId('c', () => 0.999999), ID_PATTERN);
+  const { settings } = resolveSettings(null, { node: 'pi' }, env);
+  assert.deepEqual(buildRequest(settings, 'r1', 'c1', 'hi'), { request_id: 'r1', conversation_id: 'c1', message: 'hi' });
+  const s2 = resolveSettings({ node: 'pi', system: 'Be brief.', max_tokens: 10, temperature: 0 }, {}, env).settings;
+  assert.deepEqual(buildRequest(s2, 'r1', 'c1', 'hi'), {
+    request_id: 'r1', conversation_id: 'c1', message: 'hi', system: 'Be brief.', max_tokens: 10, temperature: 0,
+  });
+});
+
+test('config.example.json is a valid configuration', () => {
+  const file = JSON.parse(readFileSync(new URL('../config.example.json', import.meta.url), 'utf8'));
+  const { settings, errors } = resolveSettings(file, {}, env);
+  assert.deepEqual(errors, []);
+  assert.equal(settings.node, 'mypi');
+});
