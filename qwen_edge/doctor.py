@@ -123,10 +123,11 @@ def _broker_fix(mqtt: MqttSettings) -> str:
     )
 
 
-def check_tcp(mqtt: MqttSettings, timeout: float) -> Check:
+def check_broker(mqtt: MqttSettings, timeout: float, tls: ssl.SSLContext | None) -> Check:
+    """Reachable: a TCP connection, and the TLS handshake when TLS is configured."""
     where = f"{mqtt.host}:{mqtt.port}"
     try:
-        socket.create_connection((mqtt.host, mqtt.port), timeout=timeout).close()
+        sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
     except socket.gaierror as exc:
         return Check(
             "broker",
@@ -148,7 +149,22 @@ def check_tcp(mqtt: MqttSettings, timeout: float) -> Check:
             f"unreachable: {where}: {exc.strerror or exc}",
             _broker_fix(mqtt),
         )
-    return Check("broker", Level.OK, f"{where} accepts TCP connections")
+    with sock:
+        if tls is None:
+            return Check("broker", Level.OK, f"{where} accepts TCP connections")
+        try:
+            with tls.wrap_socket(sock, server_hostname=mqtt.host) as tls_sock:
+                version = tls_sock.version()
+        except OSError as exc:  # ssl.SSLError, or a plain listener hanging up on the ClientHello
+            reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+            return Check(
+                "broker",
+                Level.FAIL,
+                f"TLS failed: {where}: {reason or exc.strerror or exc}",
+                "check the CA certificate, the broker's certificate and host name, and that "
+                f"port {mqtt.port} is the broker's TLS listener",
+            )
+    return Check("broker", Level.OK, f"{where} accepts TCP connections and {version}")
 
 
 class BrokerSession:
@@ -198,14 +214,6 @@ class BrokerSession:
         who = f"user {mqtt.username!r}" if mqtt.username else "anonymous"
         try:
             self.client.connect(mqtt.host, mqtt.port, keepalive=30)
-        except ssl.SSLError as exc:
-            return Check(
-                "credentials",
-                Level.FAIL,
-                f"TLS failed: {exc.reason or exc}",
-                "check the CA certificate and the broker's certificate and host name, and that "
-                f"port {mqtt.port} is the broker's TLS listener",
-            )
         except OSError as exc:
             return Check("credentials", Level.FAIL, f"connection failed: {exc}", _broker_fix(mqtt))
         self.client.loop_start()
@@ -571,13 +579,14 @@ def diagnose(config_file: Path | None, timeout: float = 5.0) -> list[Check]:
         return checks
 
     status = NodeStatus(None, {})
-    tcp = check_tcp(settings.mqtt, timeout)
-    checks.append(tcp)
-    if tcp.level is Level.FAIL:
+    tls = tls_context(settings.mqtt)
+    reachable = check_broker(settings.mqtt, timeout, tls)
+    checks.append(reachable)
+    if reachable.level is Level.FAIL:
         checks.append(Check("credentials", Level.SKIP, "needs the broker"))
         checks.append(Check("node", Level.SKIP, "needs the broker"))
     else:
-        session = BrokerSession(settings, tls_context(settings.mqtt), timeout)
+        session = BrokerSession(settings, tls, timeout)
         try:
             login = session.connect()
             checks.append(login)
