@@ -358,3 +358,126 @@ def test_uninstall_purge_leaves_an_empty_root(installed: Installed) -> None:
     assert result.returncode == 0, result.stderr
     assert files(installed.root) == set()
     assert host_state() == installed.host_before
+
+
+# -- the real-system path (no --root), isolated ----------------------------------------------------
+
+# Debian 12's /etc/mosquitto/mosquitto.conf as the package ships it (this machine's may be edited).
+DEBIAN_MOSQUITTO_CONF = """\
+pid_file /run/mosquitto/mosquitto.pid
+persistence true
+persistence_location /var/lib/mosquitto/
+log_dest file /var/log/mosquitto/mosquitto.log
+include_dir /etc/mosquitto/conf.d
+"""
+
+# Runs as root in a private mount namespace: /etc, /opt, /var and /usr are overlays whose changes
+# land in $T/<dir>/upper. So scripts/install takes the path a device takes (no --root: systemctl
+# enable, apt-ensure, /etc/mosquitto), with the network for pip. Then, in a private network
+# namespace too (a loopback of its own, with a fresh /run), the installed broker config,
+# config.toml, model and venv run together: mosquitto, `qwen-edge doctor`, the daemon, chat.
+DEVICE_SCRIPT = r"""
+T="$1" MODEL="$2" CHECKOUT="$3" RUN="$4"
+for d in etc opt var usr; do
+  mkdir -p "$T/$d/upper" "$T/$d/work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$T/$d/upper,workdir=$T/$d/work" "/$d"
+done
+mkdir -p /etc/mosquitto/conf.d
+cp "$T/debian-mosquitto.conf" /etc/mosquitto/mosquitto.conf
+
+"$CHECKOUT/scripts/install" --with-mosquitto dev --model "$MODEL" 2> "$T/install-1.log"
+"$CHECKOUT/scripts/install" --with-mosquitto dev --model "$MODEL" 2> "$T/install-2.log"
+find /opt/qwen-edge/venv/bin/qwen-edge /etc/qwen-edge /etc/systemd/system/qwen-edge.service \
+  /etc/systemd/system/multi-user.target.wants/qwen-edge.service /etc/mosquitto/conf.d \
+  /var/lib/qwen-edge > "$T/installed.txt"
+unshare --net bash -euo pipefail -c "$RUN" run "$T"
+"$CHECKOUT/scripts/install" --uninstall 2> "$T/uninstall.log"
+"""
+
+RUN_SCRIPT = r"""
+T="$1"
+mount -t tmpfs tmpfs /run
+ip link set lo up
+mkdir -p /run/mosquitto && chown mosquitto: /run/mosquitto
+mosquitto -c /etc/mosquitto/mosquitto.conf & broker=$!
+daemon=""
+trap 'kill $broker $daemon 2>/dev/null || true; wait' EXIT
+bin=/opt/qwen-edge/venv/bin/qwen-edge
+export QWEN_EDGE_NODE_ID=device QWEN_EDGE_MODEL__THREADS=1
+for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
+"$bin" doctor --json --config /etc/qwen-edge/config.toml > "$T/doctor-before.json" || true
+"$bin" serve --config /etc/qwen-edge/config.toml > "$T/daemon.log" 2>&1 & daemon=$!
+for _ in $(seq 120); do
+  if "$bin" doctor --json --config /etc/qwen-edge/config.toml > "$T/doctor-after.json" \
+     && grep -q "is online" "$T/doctor-after.json"; then break; fi
+  sleep 1
+done
+"$bin" chat --config /etc/qwen-edge/config.toml --timeout 120 --max-tokens 8 \
+  --temperature 0 "Say hello." > "$T/chat.txt"
+kill $daemon; wait $daemon || true; daemon=""
+"""
+
+
+def overlay_namespaces_work(tmp: Path) -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    probe = (
+        f"mkdir -p {tmp}/u {tmp}/w && mount -t overlay overlay "
+        f"-o lowerdir=/opt,upperdir={tmp}/u,workdir={tmp}/w /opt && ip link set lo up"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--net", "sh", "-ec", probe], capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
+@pytest.mark.slow
+def test_device_install_runs_broker_daemon_and_doctor_in_namespaces(tmp_path: Path) -> None:
+    if not overlay_namespaces_work(tmp_path / "probe"):
+        pytest.skip("needs root, unshare and overlayfs in a private mount namespace")
+    (tmp_path / "debian-mosquitto.conf").write_text(DEBIAN_MOSQUITTO_CONF)
+    args = [str(tmp_path), str(SMOLLM), str(ROOT), RUN_SCRIPT]
+    result = subprocess.run(
+        ["unshare", "--mount", "bash", "-euo", "pipefail", "-c", DEVICE_SCRIPT, "device", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=INSTALL_TIMEOUT,
+        check=False,
+    )
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+    assert result.returncode == 0, (result.stdout, result.stderr, logs)
+
+    installed = (tmp_path / "installed.txt").read_text().split()
+    assert "/etc/qwen-edge/config.toml" in installed
+    assert "/etc/mosquitto/conf.d/qwen-edge.conf" in installed
+    assert f"/var/lib/qwen-edge/models/{SMOLLM.name}" in installed
+    assert "/etc/systemd/system/multi-user.target.wants/qwen-edge.service" in installed
+    assert "enabled qwen-edge.service" in logs["install-1.log"]
+    assert "up to date, nothing changed" in logs["install-2.log"]
+    assert "warning: /etc/mosquitto" not in logs["install-1.log"]
+
+    # Before the daemon: everything but the node is fine; with it, everything is.
+    before = {
+        c["name"]: c["level"]
+        for c in json.loads((tmp_path / "doctor-before.json").read_text())["checks"]
+    }
+    assert before == {**dict.fromkeys(before, "OK"), "node": "WARN"}, before
+    after = json.loads((tmp_path / "doctor-after.json").read_text())
+    assert after["ok"] and {c["level"] for c in after["checks"]} == {"OK"}, after
+    assert (tmp_path / "chat.txt").read_text().strip(), logs["daemon.log"]
+
+    # What the installer left on the "host" after --uninstall: configuration and models only
+    # (plus the broker's own files from running it, and the stock config this test put there).
+    left = files(tmp_path / "etc" / "upper") | {
+        f"var/{p}" for p in files(tmp_path / "var" / "upper")
+    }
+    assert left == {
+        "qwen-edge/config.toml",
+        "mosquitto/mosquitto.conf",
+        f"var/lib/qwen-edge/models/{SMOLLM.name}",
+        "var/lib/mosquitto/mosquitto.db",
+        "var/log/mosquitto/mosquitto.log",
+    }, left
+    assert files(tmp_path / "opt" / "upper") == set()
+    assert files(tmp_path / "usr" / "upper") == set()  # apt had nothing to install
