@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)"
     )
+    doctor.add_argument(
+        "--secrets",
+        type=Path,
+        default=Path("/etc/qwen-edge/secrets.env"),
+        help="the service's environment file, read like systemd does (default: %(default)s)",
+    )
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import re
 import socket
@@ -49,6 +50,9 @@ KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 BAD_CREDENTIALS = 134
 NOT_AUTHORISED = 135
 STATE_DIRECTORY = Path("/var/lib/qwen-edge")
+# The unit's EnvironmentFile= (root-only: the broker password) and where the installer puts it.
+SECRETS_FILE = Path("/etc/qwen-edge/secrets.env")
+UNIT_FILE = Path("/etc/systemd/system/qwen-edge.service")
 FIX_REBUILD = (
     'rebuild llama.cpp for this CPU: CMAKE_ARGS="$(scripts/cmake-args)" '
     "{python} -m pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python=={version}"
@@ -85,7 +89,40 @@ class NodeStatus:
 # -- configuration ---------------------------------------------------------------------------------
 
 
-def check_config(config_file: Path | None) -> tuple[Check, Settings | None]:
+def read_env_file(text: str) -> dict[str, str]:
+    """KEY=VALUE lines, as systemd's EnvironmentFile= reads them (comments, optional quotes)."""
+    env: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith(("#", ";")):
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def use_secrets(path: Path) -> str | None:
+    """Add the service's secrets file to this process's environment (variables already set
+    win); returns a warning when it exists but cannot be read."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return (
+            f"cannot read {path} ({exc.strerror or exc}): the daemon's password may be missing here"
+        )
+    for key, value in read_env_file(text).items():
+        os.environ.setdefault(key, value)
+    return None
+
+
+def check_config(
+    config_file: Path | None, secrets_warning: str | None = None
+) -> tuple[Check, Settings | None]:
     try:
         settings = load_settings(config_file)
     except ConfigError as exc:
@@ -101,7 +138,12 @@ def check_config(config_file: Path | None) -> tuple[Check, Settings | None]:
     if config_file is None and DEFAULT_CONFIG_FILE.is_file():
         config_file = DEFAULT_CONFIG_FILE
     source = str(config_file) if config_file else "defaults and QWEN_EDGE_* variables"
-    return Check("config", Level.OK, f"{source}: valid (node {settings.node_id})"), settings
+    detail = f"{source}: valid (node {settings.node_id})"
+    if secrets_warning:
+        return Check("config", Level.WARN, f"{detail}; {secrets_warning}", "run doctor as root"), (
+            settings
+        )
+    return Check("config", Level.OK, detail), settings
 
 
 # -- broker ----------------------------------------------------------------------------------------
@@ -517,12 +559,45 @@ def meminfo(text: str) -> dict[str, int]:
     return out
 
 
+def unit_memory_max(unit_texts: list[str]) -> int | None:
+    """MemoryMax= in bytes from the unit and its drop-ins, in order (the last wins); None when
+    there is no fixed limit."""
+    limit: int | None = None
+    for text in unit_texts:
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key.strip() == "MemoryMax":
+                match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", value.strip())
+                # infinity, a percentage or an empty value: no limit this check can compare
+                limit = (
+                    int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+                    if match
+                    else None
+                )
+    return limit
+
+
+def _installed_unit_texts() -> list[str]:
+    drop_ins = sorted(UNIT_FILE.with_name(UNIT_FILE.name + ".d").glob("*.conf"))
+    texts = []
+    for path in [UNIT_FILE, *drop_ins]:
+        try:
+            texts.append(path.read_text())
+        except OSError:
+            continue
+    return texts
+
+
 def check_memory(
-    model: ModelSettings, facts: ModelFacts, mem: dict[str, int], daemon_rss: int = 0
+    model: ModelSettings,
+    facts: ModelFacts,
+    mem: dict[str, int],
+    daemon_rss: int = 0,
+    unit_limit: int | None = None,
 ) -> Check:
     """The daemon's needs (README, "Performance": model, KV cache of every slot, kept KV state,
-    runtime) against this device's memory. `daemon_rss`: memory a running daemon already holds,
-    which it would give back on a restart."""
+    runtime) against this device's memory and the systemd unit's MemoryMax=. `daemon_rss`:
+    memory a running daemon already holds, which it would give back on a restart."""
     per_token = facts.kv_elements_per_token * KV_ELEMENT_BYTES[model.kv_cache_type]
     kv = int(model.slots * model.n_ctx * per_token)
     keep = model.kv_keep_mb * MIB
@@ -542,6 +617,13 @@ def check_memory(
         return Check("memory", Level.WARN, "cannot read /proc/meminfo")
     if need > total:
         return Check("memory", Level.FAIL, parts, fix)
+    if unit_limit is not None and need > unit_limit:
+        return Check(
+            "memory",
+            Level.WARN,
+            f"{parts}: above the unit's MemoryMax={unit_limit / MIB:.0f}M, where systemd kills it",
+            "raise MemoryMax= and MemoryHigh= with `systemctl edit qwen-edge`, or " + fix,
+        )
     if need > available:
         return Check("memory", Level.WARN, parts + ": other programs hold the rest", fix)
     return Check("memory", Level.OK, parts)
@@ -567,9 +649,11 @@ def _daemon_rss(status: NodeStatus) -> int:
 # -- all of it -------------------------------------------------------------------------------------
 
 
-def diagnose(config_file: Path | None, timeout: float = 5.0) -> list[Check]:
+def diagnose(
+    config_file: Path | None, timeout: float = 5.0, secrets: Path = SECRETS_FILE
+) -> list[Check]:
     checks: list[Check] = []
-    config, settings = check_config(config_file)
+    config, settings = check_config(config_file, use_secrets(secrets))
     checks.append(config)
     if settings is None:
         needs = "needs a valid configuration"
@@ -611,7 +695,8 @@ def diagnose(config_file: Path | None, timeout: float = 5.0) -> list[Check]:
             mem = meminfo(Path("/proc/meminfo").read_text())
         except OSError:
             mem = {}
-        checks.append(check_memory(settings.model, facts, mem, _daemon_rss(status)))
+        limit = unit_memory_max(_installed_unit_texts())
+        checks.append(check_memory(settings.model, facts, mem, _daemon_rss(status), limit))
     return checks
 
 
@@ -626,7 +711,7 @@ def render(checks: list[Check]) -> str:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    checks = diagnose(args.config, args.timeout)
+    checks = diagnose(args.config, args.timeout, args.secrets)
     failed = any(c.level is Level.FAIL for c in checks)
     if args.json:
         report = {"ok": not failed, "checks": [asdict(c) for c in checks]}

@@ -27,6 +27,8 @@ from qwen_edge.doctor import (
     check_node,
     cpu_flags,
     meminfo,
+    read_env_file,
+    unit_memory_max,
 )
 from qwen_edge.settings import ModelSettings, Settings
 
@@ -37,7 +39,9 @@ AUTH_USER, AUTH_PASSWORD = "qwen-edge", "right-password"  # in tests/broker/auth
 CHECKS = ["config", "broker", "credentials", "node", "model", "cpu", "memory"]
 
 
-def doctor(broker_port: int, **env: str) -> tuple[int, dict[str, dict[str, Any]], str]:
+def doctor(
+    broker_port: int, secrets: Path = Path("/nonexistent/secrets.env"), **env: str
+) -> tuple[int, dict[str, dict[str, Any]], str]:
     """Run `qwen-edge doctor --json`; returns the exit status, the checks by name, stderr."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
     full.update(
@@ -47,8 +51,9 @@ def doctor(broker_port: int, **env: str) -> tuple[int, dict[str, dict[str, Any]]
         QWEN_EDGE_NODE_ID=NODE,
     )
     full.update(env)
+    command = [sys.executable, "-m", "qwen_edge", "doctor", "--json", "--timeout", "10"]
     result = subprocess.run(
-        [sys.executable, "-m", "qwen_edge", "doctor", "--json", "--timeout", "10"],
+        [*command, "--secrets", str(secrets)],
         capture_output=True,
         text=True,
         env=full,
@@ -183,6 +188,34 @@ def test_right_password_connects(auth_broker: Broker) -> None:
     assert checks["credentials"]["level"] == "OK"
     assert checks["credentials"]["detail"] == f"connected as user {AUTH_USER!r} (MQTT 5)"
     assert checks["node"]["level"] == "WARN"  # no daemon on this broker
+
+
+def test_password_from_the_services_secrets_file(auth_broker: Broker, tmp_path: Path) -> None:
+    # What systemd gives the daemon (EnvironmentFile=), doctor reads too.
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"# broker account\nQWEN_EDGE_MQTT__PASSWORD='{AUTH_PASSWORD}'\n")
+
+    _, checks, _ = doctor(auth_broker.port, secrets, QWEN_EDGE_MQTT__USERNAME=AUTH_USER)
+
+    assert checks["credentials"]["level"] == "OK", checks["credentials"]
+    assert checks["config"]["level"] == "OK"
+    # A variable set in the environment wins over the file, as for a test run by hand.
+    _, checks, _ = doctor(
+        auth_broker.port,
+        secrets,
+        QWEN_EDGE_MQTT__USERNAME=AUTH_USER,
+        QWEN_EDGE_MQTT__PASSWORD="wrong-password",
+    )
+    assert checks["credentials"]["level"] == "FAIL"
+
+
+def test_unreadable_secrets_file_is_a_warning(module_broker: Broker, tmp_path: Path) -> None:
+    # Reading a directory fails like reading a root-only file as a normal user.
+    _, checks, _ = doctor(module_broker.port, tmp_path)
+
+    assert checks["config"]["level"] == "WARN"
+    assert "the daemon's password may be missing here" in checks["config"]["detail"]
+    assert checks["config"]["fix"] == "run doctor as root"
 
 
 def test_mqtt_311_is_refused_the_same_way(auth_broker: Broker) -> None:
@@ -391,6 +424,31 @@ def test_memory_too_small_fails_and_busy_memory_warns() -> None:
     # Unless a running daemon holds the difference.
     running = check_memory(ModelSettings(), QWEN_05B, tight, daemon_rss=600 * 1024 * 1024)
     assert running.level is Level.OK
+
+
+def test_memory_above_the_units_limit_warns() -> None:
+    big = ModelSettings(slots=8, n_ctx=16384)  # 1.5 GiB of KV cache for Qwen2.5-0.5B
+    lots = meminfo("MemTotal: 8000000 kB\nMemAvailable: 7000000 kB\n")
+    assert check_memory(big, QWEN_05B, lots).level is Level.OK
+    check = check_memory(big, QWEN_05B, lots, unit_limit=1600 * 1024 * 1024)
+    assert check.level is Level.WARN
+    assert "MemoryMax=1600M" in check.detail
+    assert "systemctl edit qwen-edge" in check.fix
+
+
+def test_unit_memory_max_reads_the_unit_and_its_drop_ins() -> None:
+    shipped = (Path(__file__).resolve().parent.parent / "systemd" / "qwen-edge.service").read_text()
+    assert unit_memory_max([shipped]) == 1600 * 1024 * 1024
+    assert unit_memory_max([shipped, "[Service]\nMemoryMax=3G\n"]) == 3 * 1024**3
+    assert unit_memory_max([shipped, "[Service]\nMemoryMax=infinity\n"]) is None
+    assert unit_memory_max([shipped, "[Service]\nMemoryMax=50%\n"]) is None
+    assert unit_memory_max(["[Service]\nMemoryMax=1048576\n"]) == 1024 * 1024
+    assert unit_memory_max([]) is None
+
+
+def test_env_file_is_read_like_systemd() -> None:
+    text = "# c\n; c\nA=1\n B = two words \nC=\"quoted\"\nD='x=y'\nnot a line\n"
+    assert read_env_file(text) == {"A": "1", "B": "two words", "C": "quoted", "D": "x=y"}
 
 
 def test_node_without_status_warns_with_what_to_check() -> None:
