@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--secrets",
         type=Path,
-        default=Path("/etc/qwen-edge/secrets.env"),
-        help="the service's environment file, read like systemd does (default: %(default)s)",
+        help="the service's environment file, read like systemd does "
+        "(default: /etc/qwen-edge/secrets.env)",
     )
     return parser
 

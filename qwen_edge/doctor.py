@@ -50,7 +50,7 @@ KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 BAD_CREDENTIALS = 134
 NOT_AUTHORISED = 135
 STATE_DIRECTORY = Path("/var/lib/qwen-edge")
-# The unit's EnvironmentFile= (root-only: the broker password) and where the installer puts it.
+# The unit's EnvironmentFile= (root-only, for the broker password) and the unit itself.
 SECRETS_FILE = Path("/etc/qwen-edge/secrets.env")
 UNIT_FILE = Path("/etc/systemd/system/qwen-edge.service")
 FIX_REBUILD = (
@@ -711,7 +711,7 @@ def render(checks: list[Check]) -> str:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    checks = diagnose(args.config, args.timeout, args.secrets)
+    checks = diagnose(args.config, args.timeout, args.secrets or SECRETS_FILE)
     failed = any(c.level is Level.FAIL for c in checks)
     if args.json:
         report = {"ok": not failed, "checks": [asdict(c) for c in checks]}
