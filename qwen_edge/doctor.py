@@ -423,6 +423,8 @@ def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
             fix = "the file is damaged or incomplete: download it again"
         elif "bad header" in str(exc) or "GGUF version" in str(exc):
             fix = "that is not a GGUF model llama.cpp reads: point [model] path at the .gguf file"
+        elif "Permission denied" in str(exc) and os.geteuid() != 0:
+            fix = "run doctor as root: once the service ran, /var/lib/qwen-edge is private to it"
         return Check("model", Level.FAIL, str(exc), fix), None
     detail = f"{path}: GGUF, {facts.size / MIB:.0f} MiB, every tensor within the file"
     # The service runs as a dynamic user with ProtectHome=yes: it reads the state directory
