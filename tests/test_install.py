@@ -3,8 +3,10 @@ project and llama-cpp-python built by scripts/install-llama-cpp, config, unit, m
 config), idempotent, uninstallable, and touching nothing outside the root.
 
 Commands that would act on this machine (apt-get, sudo, systemctl without --root) are shadowed
-on PATH by stand-ins that record the call and fail. (pip still uses its cache in ~/.cache/pip.) The module installs once (~20 s with pip's
-wheel cache warm from scripts/setup); the tests run in file order and the uninstall tests last.
+on PATH by stand-ins that record the call and fail; only pip's cache (~/.cache/pip) is shared.
+The module installs once (~20 s with the wheel cache warm from scripts/setup); the tests run in
+file order, the uninstall tests last. The last test takes the real-system path (no --root)
+inside private mount and network namespaces, where it also runs the installed broker and daemon.
 """
 
 from __future__ import annotations
