@@ -1,4 +1,7 @@
-"""Command line: `qwen-edge serve | config | chat | fleet`. Thin: parse, load settings, run."""
+"""Command line: `qwen-edge serve | config | chat | fleet | doctor`.
+
+Thin: parse, load settings, run.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=1.0, help="seconds to gather status messages (default 1)"
     )
     fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    doctor = sub.add_parser("doctor", help="check broker, credentials, model, CPU and memory")
+    doctor.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    doctor.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)"
+    )
+    doctor.add_argument(
+        "--secrets",
+        type=Path,
+        help="the service's environment file, read like systemd does "
+        "(default: /etc/qwen-edge/secrets.env)",
+    )
     return parser
 
 
@@ -57,6 +73,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":  # reports a bad configuration itself, among its checks
+        from .doctor import run_doctor
+
+        return run_doctor(args)
     settings = _settings(args)
     if args.command == "config":
         print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
