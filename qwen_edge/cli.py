@@ -1,4 +1,4 @@
-"""Command line: `qwen-edge serve | config | chat | fleet`. Thin: parse, load settings, run."""
+"""Command line: `qwen-edge serve | config | chat | fleet | model`. Thin: parse, load, run."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=1.0, help="seconds to gather status messages (default 1)"
     )
     fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    from .models import add_parser as add_model_parser
+
+    add_model_parser(sub)
     return parser
 
 
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from .fleet import run_fleet
 
         return run_fleet(settings, args)
+    if args.command == "model":
+        from .models import run_model
+
+        return run_model(settings, args)
 
     from . import logs
     from .service import Service
