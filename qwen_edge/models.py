@@ -98,7 +98,7 @@ def _presence(settings: Settings, model: CatalogModel) -> str:
 
 
 def _list(settings: Settings, catalog: list[CatalogModel], *, as_json: bool) -> int:
-    serving = settings.model.path.resolve()
+    serving = settings.model.path.absolute()
     rows = []
     for model in catalog:
         path = settings.model.dir / model.file
@@ -107,7 +107,7 @@ def _list(settings: Settings, catalog: list[CatalogModel], *, as_json: bool) -> 
                 **model.model_dump(),
                 "path": str(path),
                 "present": _presence(settings, model),
-                "configured": path.resolve() == serving,
+                "configured": path.absolute() == serving,
             }
         )
     if as_json:
@@ -134,7 +134,7 @@ def _pull(settings: Settings, catalog: list[CatalogModel], name: str, *, quiet: 
         print(f"{model.name}: downloaded {_mb(result.size)}{resumed} to {result.path}, {checked}")
     else:
         print(f"{model.name}: already in {result.path}, {checked}")
-    if result.path.resolve() != settings.model.path.resolve():
+    if result.path.absolute() != settings.model.path.absolute():
         print(f"serve it with: qwen-edge model use {model.name}")
     return 0
 
@@ -187,12 +187,12 @@ def _use(settings: Settings, catalog: list[CatalogModel], what: str, config: Pat
     path, model = _resolve(settings, catalog, what)
     if model is not None and not path.exists():
         raise PullError(f"{path} is not there: qwen-edge model pull {model.name}")
-    info, summary = _check(path.resolve(), model, None)
+    info, summary = _check(path.absolute(), model, None)
     config = config or DEFAULT_CONFIG_FILE
     name = model.name if model is not None else None
-    _rewrite_config(config, path.resolve(), name, info)
+    _rewrite_config(config, path.absolute(), name, info)
     print(f"OK {summary}")
-    print(f"{config}: model.path = {path.resolve()}")
+    print(f"{config}: model.path = {path.absolute()}")
     if os.environ.get("QWEN_EDGE_MODEL__PATH"):
         _fail("note: QWEN_EDGE_MODEL__PATH is set and wins over the config file")
     print("restart the daemon to serve it: systemctl restart qwen-edge")
