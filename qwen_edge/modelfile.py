@@ -66,6 +66,8 @@ GGML_BLOCKS: Final[dict[int, tuple[int, int]]] = {
     34: (256, 54),  # TQ1_0
     35: (256, 66),  # TQ2_0
     39: (32, 17),  # MXFP4
+    40: (64, 36),  # NVFP4
+    41: (128, 18),  # Q1_0
 }
 
 
@@ -149,7 +151,9 @@ def _check_layout(buf: mmap.mmap, size: int) -> tuple[int, int, int, str | None]
     if version not in SUPPORTED_VERSIONS:
         raise ModelError(f"unsupported GGUF version {version}")
     n_tensors, n_kv = r.u64(), r.u64()
-    if n_tensors == 0 or n_tensors > _MAX_TENSORS:
+    if n_tensors == 0:
+        raise ModelError("no tensors (a vocabulary-only GGUF?)")
+    if n_tensors > _MAX_TENSORS:
         raise _Damaged(f"implausible tensor count {n_tensors}")
     if n_kv > _MAX_KV:
         raise _Damaged(f"implausible metadata count {n_kv}")
