@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import QWEN_TINY, ROOT, SMOLLM
+from .conftest import NODE, PREFIX, QWEN_TINY, ROOT, SMOLLM, Broker, Daemon, Probe
 from .fakehub import FakeHub, HubFile
 
 REPO = "test/Tiny-GGUF"
@@ -348,3 +349,36 @@ def test_use_of_a_path_drops_the_old_name_and_updates_a_pinned_sha256(
     assert "name" not in text  # the file name is the model's name now
     digest = hashlib.sha256(SMOLLM.read_bytes()).hexdigest()
     assert f'sha256 = "{digest}"  # pinned' in text
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+def test_pulled_and_used_model_is_what_the_daemon_serves_and_names(
+    node: Node, broker: Broker, tmp_path: Path
+) -> None:
+    assert node.run("pull", NAME, "--quiet").returncode == 0
+    node.config.write_text("# a node\n[model]\nn_ctx = 1024\n")
+    assert node.run("use", NAME, config=True).returncode == 0
+    watcher = Probe(broker, "modelwatch")
+    d = Daemon(tmp_path / "d", broker, None, node.config, QWEN_EDGE_MODEL__THREADS="1")
+    try:
+        watcher.subscribe(f"{PREFIX}/{NODE}/status")
+        d.start()
+        deadline = time.monotonic() + 30
+        status: dict[str, Any] = {}
+        while status.get("state") != "online":
+            assert time.monotonic() < deadline, "no online status"
+            _topic, status, _ = watcher.next_message(timeout=deadline - time.monotonic())
+        assert status["model"] == NAME
+        loaded = [e for e in d.log_events() if e.get("event") == "model_loaded"]
+        assert loaded[0]["path"] == str(node.dir / FILE)
+        dev = Probe(broker, "modeluser")
+        dev.subscribe(dev.reply_topic())
+        msgs = dev.collect(dev.request("Hi", max_tokens=3), timeout=60)
+        assert msgs[0]["model"] == NAME
+        assert msgs[-1]["type"] == "done"
+        dev.close()
+    finally:
+        watcher.close()
+        d.stop()
