@@ -34,7 +34,7 @@ from huggingface_hub.file_download import http_get
 from tqdm import tqdm
 
 from .catalog import CatalogModel
-from .modelfile import ModelError, verify_model_file
+from .modelfile import ModelError, ModelFileInfo, verify_model_file
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PARTIAL_SUFFIX = ".partial"
@@ -142,6 +142,37 @@ def pull(
         headers["authorization"] = f"Bearer {token}"  # a CDN's signed URL gets no token
 
     partial = partial_path(target)
+    try:
+        resumed, info = _download(
+            model,
+            location,
+            partial,
+            target,
+            headers=headers,
+            size=size,
+            expected_sha=expected_sha,
+            progress=progress,
+            say=say,
+        )
+    except OSError as exc:  # writing the partial file or renaming it
+        raise PullError(f"{partial}: {exc.strerror or exc}") from None
+    _fsync_dir(models_dir)
+    return Pulled(target, info.size, expected_sha, downloaded=True, resumed_from=resumed)
+
+
+def _download(
+    model: CatalogModel,
+    location: str,
+    partial: Path,
+    target: Path,
+    *,
+    headers: dict[str, str],
+    size: int | None,
+    expected_sha: str | None,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[int, ModelFileInfo]:
+    """GET into `partial` from where an earlier pull stopped, verify, rename to `target`."""
     with partial.open("ab") as out:
         try:
             fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -176,8 +207,7 @@ def pull(
             partial.unlink(missing_ok=True)
             raise PullError(f"{exc}; the download was deleted") from None
         os.replace(partial, target)
-    _fsync_dir(models_dir)
-    return Pulled(target, info.size, expected_sha, downloaded=True, resumed_from=resumed)
+    return resumed, info
 
 
 def _fsync_dir(path: Path) -> None:

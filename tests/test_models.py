@@ -382,3 +382,12 @@ def test_pulled_and_used_model_is_what_the_daemon_serves_and_names(
     finally:
         watcher.close()
         d.stop()
+
+
+def test_a_models_dir_that_cannot_be_written_is_named(node: Node, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the directory should be")
+    result = node.run("pull", NAME, QWEN_EDGE_MODEL__DIR=str(blocker))
+    assert result.returncode == 1
+    assert f"models directory {blocker}: File exists" in result.stderr
+    assert "Traceback" not in result.stderr
