@@ -1,4 +1,4 @@
-"""Command line: `qwen-edge serve | config | chat | fleet | doctor`.
+"""Command line: `qwen-edge serve | config | chat | fleet | model | doctor`.
 
 Thin: parse, load settings, run.
 """
@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the service's environment file, read like systemd does "
         "(default: /etc/qwen-edge/secrets.env)",
     )
+
+    from .models import add_parser as add_model_parser
+
+    add_model_parser(sub)
     return parser
 
 
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from .fleet import run_fleet
 
         return run_fleet(settings, args)
+    if args.command == "model":
+        from .models import run_model
+
+        return run_model(settings, args)
 
     from . import logs
     from .service import Service

@@ -366,14 +366,15 @@ def _meta(model: Any, key: str) -> str | None:
     return buf.value.decode() if n >= 0 else None
 
 
-def read_model(path: Path) -> ModelFacts:
-    """Header check, then llama.cpp reads the metadata and vocabulary and checks that every
-    tensor lies within the file (a truncated download fails here) without loading weights."""
+def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
+    """The daemon's own check (size, GGUF layout, SHA-256 when pinned), then llama.cpp reads the
+    metadata and vocabulary without loading weights."""
     import llama_cpp
 
-    from .engine import ModelError, check_model_file, quiet_llama_logs
+    from .engine import quiet_llama_logs
+    from .modelfile import ModelError, verify_model_file
 
-    check_model_file(path)
+    verify_model_file(path, sha256=sha256)
     _load_errors.clear()
     keep = _capture_llama_errors()
     try:
@@ -409,7 +410,7 @@ def read_model(path: Path) -> ModelFacts:
 
 
 def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
-    from .engine import ModelError
+    from .modelfile import ModelError
 
     fix = (
         "put the GGUF model there or set [model] path (QWEN_EDGE_MODEL__PATH); "
@@ -417,10 +418,12 @@ def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
     )
     path = model.path
     try:
-        facts = read_model(path)
+        facts = read_model(path, model.sha256)
     except ModelError as exc:
-        if "cannot load" in str(exc):
+        if "cannot load" in str(exc) or "damaged or truncated" in str(exc):
             fix = "the file is damaged or incomplete: download it again"
+        elif "SHA-256" in str(exc):
+            fix = "the file differs from [model] sha256: download it again (qwen-edge model pull)"
         elif "bad header" in str(exc) or "GGUF version" in str(exc):
             fix = "that is not a GGUF model llama.cpp reads: point [model] path at the .gguf file"
         elif "Permission denied" in str(exc) and os.geteuid() != 0:

@@ -11,19 +11,16 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .modelfile import ModelError
 from .settings import ModelSettings
-
-GGUF_MAGIC: Final = b"GGUF"
 
 # Qwen2.5's own template, used only when a GGUF file carries none.
 CHATML_TEMPLATE: Final = (
@@ -33,30 +30,12 @@ CHATML_TEMPLATE: Final = (
 )
 
 
-class ModelError(Exception):
-    """The model file cannot be used; the message says why in one line."""
-
-
 class DecodeError(Exception):
     """llama_decode failed; `no_space` means the KV cache had no room for the batch."""
 
     def __init__(self, code: int) -> None:
         super().__init__(f"llama_decode returned {code}")
         self.no_space = code == 1
-
-
-def check_model_file(path: Path) -> None:
-    """Fail early, with one line, on a missing, empty or non-GGUF model file."""
-    try:
-        with path.open("rb") as f:
-            header = f.read(8)
-    except OSError as exc:
-        raise ModelError(f"model file {path}: {exc.strerror or exc}") from None
-    if len(header) < 8 or header[:4] != GGUF_MAGIC:
-        raise ModelError(f"model file {path}: not a GGUF file (bad header)")
-    (version,) = struct.unpack("<I", header[4:8])
-    if version not in (2, 3):
-        raise ModelError(f"model file {path}: unsupported GGUF version {version}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +136,6 @@ class Engine:
     """A loaded model and a context with one KV sequence per slot."""
 
     def __init__(self, settings: ModelSettings) -> None:
-        check_model_file(settings.path)
         quiet_llama_logs()
         llama_cpp.llama_backend_init()
 

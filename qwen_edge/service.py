@@ -1,6 +1,6 @@
 """Wires the parts and runs the node's life: load, connect, serve, drain, stop.
 
-Start: connect -> load the model -> join the pool -> READY=1.
+Start: connect -> verify the model file -> load the model -> join the pool -> READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1 -> leave the pool -> stop intake -> finish or cancel in-flight
 replies -> publish offline -> disconnect -> exit 0.
 
@@ -22,8 +22,9 @@ import structlog
 
 from . import systemd_notify
 from .conversations import ConversationStore
-from .engine import Engine, ModelError
+from .engine import Engine
 from .failover import Failover
+from .modelfile import ModelError, verify_model_file
 from .mqtt import Inbound, MqttLink
 from .protocol import (
     ErrorCode,
@@ -228,9 +229,19 @@ class Service:
         )
         self._link.start()
 
-        systemd_notify.notify("STATUS=loading model")
+        systemd_notify.notify("STATUS=checking model file")
         began = time.monotonic()
         try:
+            info = verify_model_file(s.model.path, sha256=s.model.sha256)
+            log.info(
+                "model_verified",
+                path=str(s.model.path),
+                bytes=info.size,
+                sha256=info.sha256 is not None,
+                seconds=round(time.monotonic() - began, 2),
+            )
+            systemd_notify.notify("STATUS=loading model")
+            began = time.monotonic()
             engine = Engine(s.model)
         except ModelError as exc:
             log.error("model_unusable", error=str(exc))

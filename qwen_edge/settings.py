@@ -33,6 +33,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/qwen-edge/config.toml")
 
 # Topic levels must not contain MQTT wildcards or separators.
 _TOPIC_LEVEL_FORBIDDEN = frozenset("/+#\0")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class _Section(BaseModel):
@@ -81,6 +82,19 @@ class ModelSettings(_Section):
     name: str | None = Field(
         None, description="Model name reported to clients (default: the file name without .gguf)."
     )
+    sha256: str | None = Field(
+        None,
+        description="Expected SHA-256 of the model file, checked before every load (reads the "
+        "whole file: seconds on a Pi); unset: size, header and layout checks only.",
+    )
+    dir: Path = Field(
+        Path("/var/lib/qwen-edge/models"),
+        description="Where `qwen-edge model pull` puts models and `model list` looks for them.",
+    )
+    catalog: Path | None = Field(
+        None,
+        description="TOML file of models `qwen-edge model` knows besides the built-in ones.",
+    )
     n_ctx: int = Field(
         4096, ge=256, le=131072, description="Context window of one conversation (tokens)."
     )
@@ -112,6 +126,13 @@ class ModelSettings(_Section):
     kv_cache_type: Literal["f16", "q8_0"] = Field(
         "f16", description="KV cache precision; q8_0 halves its memory (needs flash_attn)."
     )
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_is_hex(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.fullmatch(value):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value.lower() if value is not None else None
 
     @property
     def display_name(self) -> str:

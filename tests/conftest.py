@@ -141,11 +141,20 @@ class NotifySocket:
 class Daemon:
     """`python -m qwen_edge serve` as a child process, ready once it sends READY=1."""
 
-    def __init__(self, workdir: Path, broker: Broker, model: Path, **env: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        broker: Broker,
+        model: Path | None,
+        config: Path | None = None,
+        **env: str,
+    ) -> None:
+        """`model` None: the one the `config` file names."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.broker = broker
         self.model = model
+        self.config = config
         self.extra_env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: NotifySocket | None = None
@@ -158,11 +167,12 @@ class Daemon:
             QWEN_EDGE_MQTT__PORT=str(self.broker.port),
             QWEN_EDGE_MQTT__RECONNECT_MIN_DELAY="0.5",
             QWEN_EDGE_MQTT__RECONNECT_MAX_DELAY="1",
-            QWEN_EDGE_MODEL__PATH=str(self.model),
             QWEN_EDGE_MODEL__N_CTX="2048",
             QWEN_EDGE_NODE_ID=NODE,
             QWEN_EDGE_SERVICE__LOG_FORMAT="json",
         )
+        if self.model is not None:
+            env["QWEN_EDGE_MODEL__PATH"] = str(self.model)
         env.update(self.extra_env)
         return env
 
@@ -173,7 +183,11 @@ class Daemon:
         env["NOTIFY_SOCKET"] = str(sock_path)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qwen_edge", "serve"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "qwen_edge", "serve"]
+            + (["--config", str(self.config)] if self.config else []),
+            env=env,
+            stdout=log,
+            stderr=log,
         )
         if wait_ready:
             try:

@@ -144,7 +144,7 @@ def test_bad_model_fails_the_model_check(module_broker: Broker, tmp_path: Path, 
         "missing": ("No such file or directory", "set [model] path"),
         "not_gguf": ("not a GGUF file", "point [model] path at the .gguf file"),
         "empty": ("not a GGUF file", "point [model] path at the .gguf file"),
-        "truncated": ("not within the file bounds", "damaged or incomplete: download it again"),
+        "truncated": ("damaged or truncated GGUF", "damaged or incomplete: download it again"),
     }[fault]
     assert expected[0] in model["detail"], model
     assert expected[1] in model["fix"], model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -229,12 +230,55 @@ def test_unusable_model_file_exits_3_with_one_clear_line(
     assert str(model) in errors[0]["error"]
 
 
-def test_truncated_gguf_is_refused_without_crashing(tmp_path: Path) -> None:
+def _model_errors(result: subprocess.CompletedProcess[str]) -> list[str]:
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    return [e["error"] for e in events if e["level"] == "error"]
+
+
+@pytest.mark.parametrize("keep", [1 << 20, -4096], ids=["first-megabyte", "all-but-4-KiB"])
+def test_truncated_gguf_is_refused_before_loading(tmp_path: Path, keep: int) -> None:
     model = tmp_path / "truncated.gguf"
-    model.write_bytes(SMOLLM.read_bytes()[: 1 << 20])
-    result = _serve({"QWEN_EDGE_MODEL__PATH": str(model), "QWEN_EDGE_MQTT__PORT": "1"})
+    model.write_bytes(SMOLLM.read_bytes()[:keep])
+    result = _serve(
+        {
+            "QWEN_EDGE_MODEL__PATH": str(model),
+            "QWEN_EDGE_MQTT__PORT": "1",
+            "QWEN_EDGE_SERVICE__LOG_FORMAT": "json",
+        }
+    )
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
+    (error,) = _model_errors(result)
+    assert error.startswith(f"model file {model}: damaged or truncated GGUF")
+    assert "model_loaded" not in result.stderr
+
+
+def test_model_sha256_setting_is_checked_before_loading(tmp_path: Path) -> None:
+    env = {
+        "QWEN_EDGE_MODEL__PATH": str(SMOLLM),
+        "QWEN_EDGE_MQTT__PORT": "1",
+        "QWEN_EDGE_SERVICE__LOG_FORMAT": "json",
+        "QWEN_EDGE_MODEL__SHA256": "0" * 64,
+    }
+    result = _serve(env)
+    assert result.returncode == 3
+    (error,) = _model_errors(result)
+    assert error.startswith(f"model file {SMOLLM}: SHA-256 is ")
+    assert error.endswith(f"expected {'0' * 64} (corrupt, or a different file)")
+
+    env["QWEN_EDGE_MODEL__SHA256"] = "not-a-hash"
+    bad_setting = _serve(env)
+    assert bad_setting.returncode == 2
+    assert "QWEN_EDGE_MODEL__SHA256" in bad_setting.stderr
+
+
+def test_model_sha256_that_matches_lets_the_daemon_start(node: Any) -> None:
+    digest = hashlib.sha256(SMOLLM.read_bytes()).hexdigest()
+    d = node(QWEN_EDGE_MODEL__SHA256=digest.upper())
+    d.start()
+    verified = [e for e in d.log_events() if e.get("event") == "model_verified"]
+    assert verified and verified[0]["sha256"] is True
+    assert d.stop() == 0
 
 
 def test_chinese_reply_parts_are_whole_characters(broker: Broker, tmp_path: Path) -> None:
