@@ -73,6 +73,7 @@ class MqttLink:
         self.subscribed = threading.Event()  # the broker acknowledged this connection's SUBSCRIBE
         self._subscribe_mid: int | None = None
         self._unsubscribed = threading.Event()
+        self._client_id = client_id
         self._last_failure: str | None = None  # logged once until it changes or we connect
 
         client = paho.Client(
@@ -208,6 +209,7 @@ class MqttLink:
             self._last_failure = reason
             log.error(
                 event,
+                client_id=self._client_id,
                 host=self._settings.host,
                 port=self._settings.port,
                 tls=self._settings.use_tls,

@@ -18,14 +18,14 @@ from .settings import ConfigError, MqttSettings
 def client_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
     """The TLS context for `mqtt`, or None without TLS; ConfigError (one line, naming the
     setting) when a file cannot be read or used."""
+    if mqtt.keyfile is not None and mqtt.certfile is None:
+        raise ConfigError("invalid setting QWEN_EDGE_MQTT__KEYFILE: set without certfile")
     if not mqtt.use_tls:
         if mqtt.tls is False and (mqtt.ca_file or mqtt.certfile):
             raise ConfigError(
                 "invalid setting QWEN_EDGE_MQTT__TLS: false, but ca_file or certfile is set"
             )
         return None
-    if mqtt.keyfile is not None and mqtt.certfile is None:
-        raise ConfigError("invalid setting QWEN_EDGE_MQTT__KEYFILE: set without certfile")
     for setting, path in (("CA_FILE", mqtt.ca_file), ("CERTFILE", mqtt.certfile)):
         _check_readable(setting, path)
     _check_readable("KEYFILE", mqtt.keyfile)
