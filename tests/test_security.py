@@ -412,7 +412,7 @@ def test_wrong_ca_daemon_does_not_connect_and_says_so_in_one_line(
             assert line["tls"] is True
         assert d.notify is not None and "READY=1" not in d.notify.lines()
         # paho kept trying meanwhile (the broker saw each attempt fail), unlogged.
-        assert secure_broker.log().count("OpenSSL Error") - handshakes_failed >= 4
+        assert secure_broker.log().count("OpenSSL Error") - handshakes_failed >= 3
         assert "qwen-edge-wrongca" not in secure_broker.log()  # no CONNECT ever got through
     finally:
         d.stop()
@@ -566,6 +566,41 @@ def test_mutual_tls_with_the_client_key_as_a_systemd_credential(
         d.stop()
         broker.stop()
     assert PASSWORDS[DAEMON_USER] not in d.log()
+
+
+# -- a known limit: MQTT client ids are not bound to accounts ---------------------------------
+
+
+def test_device_taking_the_daemons_client_id_reads_nothing_but_disrupts_it(
+    secure_daemon: Daemon, secure_broker: SecureBroker, devices: Any
+) -> None:
+    """mosquitto 2.0 lets any account take over any client id's session. A device that takes the
+    daemon's gets none of its messages (mosquitto re-checks queued messages against the ACL of
+    the new account and drops them), but the two connections keep closing each other and requests
+    sent meanwhile are lost. The broker log names the account (see deploy/mosquitto/README.md)."""
+    dev_a = devices("devA", subscribe=own_topics("devA"))
+    drops = [e["event"] for e in secure_daemon.log_events()].count("broker_disconnected")
+    thief = devices("devB", client_id=DAEMON_CLIENT_ID, subscribe=(f"{PREFIX}/#",))
+    time.sleep(0.5)
+    _, ack = dev_a.ask()  # lost: see the docstring
+    assert ack == 0
+    time.sleep(3.0)
+    taken = [m for m in thief.drain(1.0) if not m[0].endswith(("/status", "/stats"))]
+    assert taken == []
+    assert re.search(rf"as {DAEMON_CLIENT_ID} \(p5, c\d, k60, u'devB'\)", secure_broker.log())
+    assert [e["event"] for e in secure_daemon.log_events()].count("broker_disconnected") > drops
+    thief.close()
+    # The daemon reconnects, subscribes again, and serves.
+    rid, end = "", {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rid, _ = dev_a.ask()
+        try:
+            end = dev_a.reply(rid, timeout=5)[-1][1]
+            break
+        except queue.Empty:
+            continue
+    assert end["type"] == "done" and end["request_id"] == rid
 
 
 # -- unusable secrets and certificates stop start-up -------------------------------------------
