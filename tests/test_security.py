@@ -15,6 +15,7 @@ import os
 import queue
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -736,3 +737,41 @@ def test_password_file_and_credential_are_read_as_their_first_line(
     settings = load_settings()
     assert settings.mqtt.password is not None
     assert settings.mqtt.password.get_secret_value() == "file-pass"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("auto", "auto"), ("true", True), ("false", False), ("1", True), ("off", False)],
+)
+def test_tls_setting_is_a_switch_or_auto(
+    value: str, expected: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwen_edge.settings import load_settings
+
+    monkeypatch.setenv("QWEN_EDGE_MQTT__TLS", value)
+    mqtt = load_settings().mqtt
+    assert mqtt.tls == expected
+    assert mqtt.use_tls is (expected is True)  # auto without ca_file or certfile: off
+
+
+def test_tls_auto_is_on_with_a_ca_file(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_edge.settings import load_settings
+    from qwen_edge.tls import client_context
+
+    monkeypatch.setenv("QWEN_EDGE_MQTT__CA_FILE", str(certs / "ca.crt"))
+    mqtt = load_settings().mqtt
+    assert mqtt.use_tls
+    context = client_context(mqtt)
+    assert context is not None and context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    monkeypatch.setenv("QWEN_EDGE_MQTT__TLS_CHECK_HOSTNAME", "false")
+    context = client_context(load_settings().mqtt)
+    # Only the name check goes; the chain is still verified.
+    assert context is not None and not context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_invalid_tls_value_exits_2_naming_it() -> None:
+    done = run_config(QWEN_EDGE_MQTT__TLS="maybe")
+    assert done.returncode == 2
+    assert done.stderr.startswith("qwen-edge: invalid setting QWEN_EDGE_MQTT__TLS")
