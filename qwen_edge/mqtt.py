@@ -204,10 +204,12 @@ class MqttLink:
         self._failed("broker_unreachable", str(exc) if exc is not None else "unknown error")
 
     def _failed(self, event: str, reason: str) -> None:
-        """One log line per distinct failure; paho retries with backoff meanwhile."""
+        """One log line per distinct failure; paho retries with backoff meanwhile. Refusals
+        (credentials, authorisation) are errors; unreachable is a warning, like a dropped link:
+        it may pass (broker restarting, network down)."""
         if reason != self._last_failure:
             self._last_failure = reason
-            log.error(
+            (log.error if event == "broker_refused" else log.warning)(
                 event,
                 client_id=self._client_id,
                 host=self._settings.host,
