@@ -430,8 +430,14 @@ def test_wrong_password_is_refused_and_logged_once_without_the_password(
     env = daemon_env(certs, tmp_path, QWEN_EDGE_NODE_ID="badpw")
     (tmp_path / "mqtt-password").write_text("not-the-password\n")
     d = Daemon(tmp_path / "daemon", secure_broker, SMOLLM, **env)
+    refusals = secure_broker.log().count("disconnected, not authorised")
     d.start(wait_ready=False)
     try:
+        failures_per_link(d, "broker_refused")
+        deadline = time.monotonic() + 60  # a few retries, each refused again
+        while secure_broker.log().count("disconnected, not authorised") - refusals < 5:
+            assert time.monotonic() < deadline, secure_broker.log()[-2000:]
+            time.sleep(0.2)
         lines = failures_per_link(d, "broker_refused")
         assert {k: len(v) for k, v in lines.items()} == {
             "qwen-edge-badpw": 1,
