@@ -482,6 +482,22 @@ def test_chat_and_fleet_commands_work_over_tls_with_a_device_account(
         check=True,
     )
     assert {n["node"]: n["state"] for n in json.loads(fleet.stdout)}[NODE] == "online"
+    # A wrong password: refused by the broker, said in one line, the password in none.
+    password_file.write_text("wrong-pw-123\n")
+    wrong = subprocess.run(
+        [sys.executable, "-m", "qwen_edge", "chat", "--node", NODE, "Hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines() == [
+        f"qwen-edge chat: cannot reach 127.0.0.1:{secure_broker.port}: "
+        "the broker refused the connection: Not authorized"
+    ]
+    password_file.write_text(PASSWORDS["devA"])
     # Without the CA the same command refuses the broker's certificate, in one line.
     del env["QWEN_EDGE_MQTT__CA_FILE"]
     env["QWEN_EDGE_MQTT__TLS"] = "true"  # the system's CAs, which do not know ours
