@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .protocol import Topics, encode
 from .settings import Settings
+from .tls import apply_credentials
 
 
 class ChatClient:
@@ -27,17 +28,15 @@ class ChatClient:
         self.conversation = conversation
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.status: dict[str, Any] = {}
-        self._subscribed: queue.Queue[bool] = queue.Queue()
+        self._subscribed: queue.Queue[str | None] = queue.Queue()  # None, or why not
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"{client_id}-{uuid.uuid4().hex[:8]}",
             protocol=paho.MQTTv5,
         )
-        if settings.mqtt.username is not None:
-            password = settings.mqtt.password.get_secret_value() if settings.mqtt.password else None
-            client.username_pw_set(settings.mqtt.username, password)
+        apply_credentials(client, settings.mqtt)
         client.on_connect = self._on_connect
-        client.on_subscribe = lambda *a: self._subscribed.put(True)
+        client.on_subscribe = lambda *a: self._subscribed.put(None)
         client.on_message = self._on_message
         self._client = client
         self._host, self._port = settings.mqtt.host, settings.mqtt.port
@@ -45,13 +44,21 @@ class ChatClient:
     def connect(self, timeout: float) -> None:
         self._client.connect(self._host, self._port, keepalive=30)
         self._client.loop_start()
-        self._subscribed.get(timeout=timeout)
+        refused = self._subscribed.get(timeout=timeout)
+        if refused is not None:
+            self.close()
+            raise OSError(f"the broker refused the connection: {refused}")
 
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def _on_connect(self, client: paho.Client, *_: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, *_: Any
+    ) -> None:
+        if reason.is_failure:  # e.g. bad user name or password
+            self._subscribed.put(str(reason))
+            return
         client.subscribe(
             [
                 (self.topics.reply(self.client_id, self.conversation), 1),
@@ -125,7 +132,8 @@ def _stream_reply(client: ChatClient, request_id: str, timeout: float) -> int:
 
 
 def run_chat(settings: Settings, args: argparse.Namespace) -> int:
-    client_id = args.client_id or f"chat-{getpass.getuser()}"
+    # With broker ACLs a device may only use its own account name as client id in topics.
+    client_id = args.client_id or settings.mqtt.username or f"chat-{getpass.getuser()}"
     client = ChatClient(settings, args.node or settings.node_id, client_id, args.conversation)
     try:
         client.connect(timeout=10)

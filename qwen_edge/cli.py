@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
     chat.add_argument("message", nargs="*", help="send this one message, print the reply, exit")
     chat.add_argument("--node", help="node to talk to (default: this node's node_id)")
-    chat.add_argument("--client-id", default=None, help="client id (default: chat-<user>)")
+    chat.add_argument(
+        "--client-id", default=None, help="client id (default: mqtt.username, else chat-<user>)"
+    )
     chat.add_argument("--conversation", default="default", help="conversation id")
     chat.add_argument("--system", default=None, help="system prompt for this conversation")
     chat.add_argument("--temperature", type=float, default=None)

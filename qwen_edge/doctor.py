@@ -150,12 +150,11 @@ def check_config(
 
 
 def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
-    """The TLS context the daemon would use for this broker, or None for plain MQTT.
+    """The TLS context the daemon uses for this broker (None for plain MQTT), so that the broker
+    check sees what the daemon sees. ConfigError when a certificate or key file is unusable."""
+    from .tls import client_context
 
-    The daemon has no TLS settings yet: when MqttSettings gains them, build the same context
-    as the daemon's link here, so that the broker check sees what the daemon sees.
-    """
-    return None
+    return client_context(mqtt)
 
 
 def _broker_fix(mqtt: MqttSettings) -> str:
@@ -668,8 +667,15 @@ def diagnose(
         return checks
 
     status = NodeStatus(None, {})
-    tls = tls_context(settings.mqtt)
-    reachable = check_broker(settings.mqtt, timeout, tls)
+    try:
+        tls = tls_context(settings.mqtt)
+    except ConfigError as exc:
+        tls = None
+        reachable = Check(
+            "broker", Level.FAIL, str(exc), "fix the TLS file settings in [mqtt] (see README)"
+        )
+    else:
+        reachable = check_broker(settings.mqtt, timeout, tls)
     checks.append(reachable)
     if reachable.level is Level.FAIL:
         checks.append(Check("credentials", Level.SKIP, "needs the broker"))

@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .protocol import WatchKind, node_filters, parse_node_topic
 from .settings import Settings
+from .tls import apply_credentials
 
 
 @dataclass(slots=True)
@@ -84,9 +85,7 @@ def collect(settings: Settings, wait: float) -> dict[str, NodeView]:
         client_id=f"qwen-edge-fleet-{uuid.uuid4().hex[:8]}",
         protocol=paho.MQTTv5 if settings.mqtt.protocol == "5" else paho.MQTTv311,
     )
-    if settings.mqtt.username is not None:
-        password = settings.mqtt.password.get_secret_value() if settings.mqtt.password else None
-        client.username_pw_set(settings.mqtt.username, password)
+    apply_credentials(client, settings.mqtt)
     client.on_connect = on_connect
     client.on_subscribe = lambda *_: subscribed.set()
     client.on_message = on_message

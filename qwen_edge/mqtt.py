@@ -8,6 +8,7 @@ QoS 1 messages published while the link is down are queued by paho and sent on r
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .settings import MqttSettings
+from .tls import apply_credentials
 
 log = structlog.get_logger("qwen_edge.mqtt")
 
@@ -71,6 +73,8 @@ class MqttLink:
         self.subscribed = threading.Event()  # the broker acknowledged this connection's SUBSCRIBE
         self._subscribe_mid: int | None = None
         self._unsubscribed = threading.Event()
+        self._client_id = client_id
+        self._last_failure: str | None = None  # logged once until it changes or we connect
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -78,9 +82,7 @@ class MqttLink:
             protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
             clean_session=None if self.v5 else not persistent,
         )
-        if settings.username is not None:
-            password = settings.password.get_secret_value() if settings.password else None
-            client.username_pw_set(settings.username, password)
+        apply_credentials(client, settings)
         if status_topic is not None and will_payload is not None:
             client.will_set(status_topic, will_payload, qos=1, retain=True)
         client.reconnect_delay_set(
@@ -90,6 +92,7 @@ class MqttLink:
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(MAX_QUEUED_OUT)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -176,9 +179,10 @@ class MqttLink:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if reason_code.is_failure:
-            log.error("broker_refused", reason=str(reason_code))
+        if reason_code.is_failure:  # e.g. bad user name or password, not authorised
+            self._failed("broker_refused", str(reason_code))
             return
+        self._last_failure = None
         log.info(
             "broker_connected",
             host=self._settings.host,
@@ -192,6 +196,27 @@ class MqttLink:
         self.connected.set()
         if self._on_connected_cb is not None:
             self._on_connected_cb()
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError` around the connect, and passes nothing:
+        # the exception being handled is the reason (refused, unreachable, TLS verification).
+        exc = sys.exc_info()[1]
+        self._failed("broker_unreachable", str(exc) if exc is not None else "unknown error")
+
+    def _failed(self, event: str, reason: str) -> None:
+        """One log line per distinct failure; paho retries with backoff meanwhile. Refusals
+        (credentials, authorisation) are errors; unreachable is a warning, like a dropped link:
+        it may pass (broker restarting, network down)."""
+        if reason != self._last_failure:
+            self._last_failure = reason
+            (log.error if event == "broker_refused" else log.warning)(
+                event,
+                client_id=self._client_id,
+                host=self._settings.host,
+                port=self._settings.port,
+                tls=self._settings.use_tls,
+                reason=reason,
+            )
 
     def _on_disconnect(
         self,

@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     CONTEXT_OVERFLOW = "context_overflow"
     FORBIDDEN = "forbidden"
     BUSY = "busy"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONVERSATIONS = "too_many_conversations"
     DUPLICATE = "duplicate"
     SHUTTING_DOWN = "shutting_down"
     NODE_LOST = "node_lost"

@@ -18,6 +18,7 @@ class ReplyStream:
     __slots__ = (
         "_chunk_head",
         "_correlation",
+        "_on_end",
         "_publish",
         "ended",
         "request_id",
@@ -32,8 +33,10 @@ class ReplyStream:
         topic: str,
         request_id: str | None,  # None: an error for a request whose id could not be read
         correlation: bytes | None = None,
+        on_end: Callable[[], None] | None = None,  # called once, after done or error is sent
     ) -> None:
         self._publish = publish
+        self._on_end = on_end
         self.topic = topic
         self.request_id = request_id
         self._correlation = correlation
@@ -98,9 +101,17 @@ class ReplyStream:
                 },
             )
         )
+        self._ended()
 
-    def error(self, code: ErrorCode, message: str) -> None:
+    def error(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        """`retry_after`: seconds after which the same request would be accepted, if known."""
         if self.ended:
             return
         self.ended = True
-        self._send(self._message("error", code=code.value, message=message))
+        extra = {} if retry_after is None else {"retry_after": retry_after}
+        self._send(self._message("error", code=code.value, message=message, **extra))
+        self._ended()
+
+    def _ended(self) -> None:
+        if self._on_end is not None:
+            self._on_end()

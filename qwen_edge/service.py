@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 
@@ -24,6 +25,7 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
+from .limits import ClientLimits
 from .modelfile import ModelError, verify_model_file
 from .mqtt import Inbound, MqttLink
 from .protocol import (
@@ -74,6 +76,7 @@ class Service:
         self._failover: Failover | None = None
         self._intake_lock = threading.Lock()
         self._early: list[Inbound] = []  # requests delivered before the model was loaded
+        self._limits = ClientLimits(settings.limits)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -168,10 +171,16 @@ class Service:
                 self._send_error(client_id, refusal, None, topics)
                 return
             topic, correlation = msg.response_topic, msg.correlation
-        stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
+        release = partial(self._limits.release, client_id, parsed.request_id)
+        stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation, release)
+        limited = self._limits.admit(client_id, parsed.request_id, parsed.conversation_id)
+        if limited is not None:  # rate or conversations; logged by the limiter, not per request
+            stream.error(limited.code, limited.message, limited.retry_after)
+            return
         job = Job(client_id, parsed, stream, announce=pooled)
         refused = self._scheduler.submit(job)
         if refused is ErrorCode.DUPLICATE:
+            release()  # its stream never ends; the original's count may go early (harmless)
             log.info("duplicate_ignored", client_id=client_id, request_id=parsed.request_id)
         elif refused is not None:
             message = {

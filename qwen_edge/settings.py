@@ -30,6 +30,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_FILE = Path("/etc/qwen-edge/config.toml")
+# systemd credentials (LoadCredential=) the daemon looks for in $CREDENTIALS_DIRECTORY.
+CREDENTIAL_PASSWORD = "mqtt-password"
+CREDENTIAL_CLIENT_KEY = "mqtt-client-key"
 
 # Topic levels must not contain MQTT wildcards or separators.
 _TOPIC_LEVEL_FORBIDDEN = frozenset("/+#\0")
@@ -70,6 +73,28 @@ class MqttSettings(_Section):
     max_payload: int = Field(
         65536, ge=256, description="Largest request payload accepted (bytes); larger -> too_large."
     )
+    password_file: Path | None = Field(
+        None, description="File holding the broker password (instead of password)."
+    )
+    tls: bool | Literal["auto"] = Field(
+        "auto", description="TLS to the broker: true, false, or auto (on with ca_file or certfile)."
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s) the broker's certificate must chain to."
+    )
+    certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS).")
+    keyfile: Path | None = Field(
+        None, description="PEM private key of certfile, unencrypted (default: in certfile)."
+    )
+    tls_check_hostname: bool = Field(
+        True, description="The broker's certificate must name mqtt.host (false: any name)."
+    )
+
+    @property
+    def use_tls(self) -> bool:
+        if self.tls == "auto":
+            return self.ca_file is not None or self.certfile is not None
+        return self.tls
 
 
 class ModelSettings(_Section):
@@ -167,6 +192,23 @@ class ConversationSettings(_Section):
     )
 
 
+class LimitSettings(_Section):
+    """Per-client limits, checked when a request arrives, before any model work. A client is
+    the {client_id} topic level (which the broker's ACL binds to the device's account)."""
+
+    requests_per_minute: float = Field(
+        60.0, ge=0, description="Sustained requests per minute of one client (0: no limit)."
+    )
+    burst: int = Field(
+        10, ge=1, description="Requests a client may send at once before the rate applies."
+    )
+    max_conversations_per_client: int = Field(
+        4,
+        ge=0,
+        description="Conversations of one client with a request queued or generating (0: any).",
+    )
+
+
 class ServiceSettings(_Section):
     """Process life cycle."""
 
@@ -221,6 +263,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     conversations: ConversationSettings = Field(default_factory=ConversationSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
 
@@ -285,7 +328,7 @@ def load_settings(config_file: Path | None = None) -> Settings:
         raise ConfigError(f"config file {config_file}: not found")
     Settings.toml_file = config_file
     try:
-        return Settings()
+        return _with_secrets(Settings())
     except ValidationError as exc:
         raise ConfigError(_describe(exc, config_file)) from None
     except SettingsError as exc:  # a QWEN_EDGE_<SECTION> variable that is not valid JSON
@@ -296,6 +339,58 @@ def load_settings(config_file: Path | None = None) -> Settings:
         raise ConfigError(f"config file {config_file}: {exc}") from None
     finally:
         Settings.toml_file = None
+
+
+def _with_secrets(settings: Settings) -> Settings:
+    """Read the password and the client key from where they are kept (a file, or a systemd
+    credential), and check that every TLS file can be used, so that a broken one stops start-up
+    with exit status 2 instead of failing in a reconnect loop."""
+    mqtt = settings.mqtt
+    update: dict[str, Any] = {}
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+
+    def credential(name: str) -> Path | None:
+        path = Path(credentials, name) if credentials else None
+        return path if path is not None and path.exists() else None
+
+    if mqtt.password is not None and mqtt.password_file is not None:
+        raise ConfigError(
+            "invalid setting QWEN_EDGE_MQTT__PASSWORD_FILE: mqtt.password is set too; keep one"
+        )
+    source, setting = mqtt.password_file, "QWEN_EDGE_MQTT__PASSWORD_FILE"
+    if mqtt.password is None and source is None:
+        source, setting = credential(CREDENTIAL_PASSWORD), f"credential {CREDENTIAL_PASSWORD}"
+    if source is not None:
+        update["password"] = SecretStr(_read_secret(source, setting))
+    if mqtt.keyfile is None and (key := credential(CREDENTIAL_CLIENT_KEY)) is not None:
+        if mqtt.certfile is None:
+            raise ConfigError(
+                f"invalid setting QWEN_EDGE_MQTT__CERTFILE: the systemd credential "
+                f"{CREDENTIAL_CLIENT_KEY} is a client key, which needs its certificate"
+            )
+        update["keyfile"] = key
+    if update:
+        settings = settings.model_copy(update={"mqtt": mqtt.model_copy(update=update)})
+
+    from .tls import client_context  # imports this module
+
+    client_context(settings.mqtt)  # raises ConfigError
+    return settings
+
+
+def _read_secret(path: Path, setting: str) -> str:
+    """The first line of a secret file, without its line end; never in an error message."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"invalid setting {setting}: cannot read {path}: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"invalid setting {setting}: {path} is not UTF-8 text") from None
+    secret = text.split("\n", 1)[0].removesuffix("\r")
+    if not secret:
+        raise ConfigError(f"invalid setting {setting}: {path} is empty")
+    return secret
 
 
 def _describe(exc: ValidationError, config_file: Path | None) -> str:

@@ -170,6 +170,9 @@ class Daemon:
             QWEN_EDGE_MODEL__N_CTX="2048",
             QWEN_EDGE_NODE_ID=NODE,
             QWEN_EDGE_SERVICE__LOG_FORMAT="json",
+            # Tests send many requests from one client id; tests of the limits set their own.
+            QWEN_EDGE_LIMITS__REQUESTS_PER_MINUTE="0",
+            QWEN_EDGE_LIMITS__MAX_CONVERSATIONS_PER_CLIENT="0",
         )
         if self.model is not None:
             env["QWEN_EDGE_MODEL__PATH"] = str(self.model)

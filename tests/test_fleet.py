@@ -634,7 +634,7 @@ def test_fleet_acl_example_lets_devices_and_nodes_do_their_jobs(tmp_path: Path) 
     conf.write_text(
         BROKER_CONF.read_text().replace("allow_anonymous true", "allow_anonymous false")
         + f"\npassword_file {passwords}\n"
-        + f"acl_file {ROOT / 'deploy' / 'mosquitto' / 'fleet-acl.example'}\n"
+        + f"acl_file {ROOT / 'deploy' / 'mosquitto' / 'acl'}\n"
     )
     broker = Broker(tmp_path / "broker", conf)
     broker.start()

@@ -111,6 +111,23 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
     assert float(match.group(1)) <= MAX_EXPOSURE, output
 
 
+@needs_systemd_analyze
+def test_unit_with_its_credentials_enabled_verifies_and_stays_hardened(tmp_path: Path) -> None:
+    copy = runnable_copy(tmp_path)
+    text = copy.read_text()
+    commented = re.findall(r"^#(LoadCredential=(\S+?):\S+)$", text, re.MULTILINE)
+    # The names the daemon looks for (qwen_edge.settings.CREDENTIAL_*).
+    assert {name for _, name in commented} == {"mqtt-password", "mqtt-client-key"}
+    for line, _ in commented:
+        text = text.replace(f"#{line}", line)
+    copy.write_text(text)
+    result = analyze("verify", str(copy), cwd=tmp_path)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stderr
+    result = analyze("security", "--offline=yes", str(copy), cwd=tmp_path)
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
 def test_unit_life_cycle_matches_the_daemon(unit: dict[str, dict[str, list[str]]]) -> None:
     service = unit["Service"]
     assert service["Type"] == ["notify"]
@@ -151,7 +168,7 @@ def test_example_config_loads_and_equals_the_defaults(monkeypatch: pytest.Monkey
     assert settings.model_dump(mode="json") == defaults
     # Every settings group appears in the example as a table.
     text = EXAMPLE_CONFIG.read_text()
-    for group in ("mqtt", "model", "generation", "conversations", "service"):
+    for group in ("mqtt", "model", "generation", "conversations", "limits", "service", "fleet"):
         assert f"\n[{group}]\n" in text
     for key in ("node_id", "topic_prefix"):
         assert re.search(rf"^#? ?{key} = ", text, re.MULTILINE), key
