@@ -485,6 +485,7 @@ def test_number_with_thousands_of_digits_does_not_crash() -> None:
     raw = b'{"request_id":"r1","message":"hi","seed":' + b"9" * 5000 + b"}"
     err = bad(raw)
     assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == ("r1", "default")  # the reply topic is known
     raw = b'{"request_id":' + b"9" * 5000 + b',"message":"hi"}'
     err = bad(raw)
     assert err.request_id is None
@@ -873,3 +874,21 @@ def test_mutations_of_a_valid_request_never_raise(edits: list[tuple[str, int, by
 )
 def test_huge_values_near_the_payload_limit_give_a_result_or_typed_error(raw: bytes) -> None:
     check_both_parsers(raw)
+
+
+def _at_stack_depth(depth: int, raw: bytes) -> ChatRequest | RequestError:
+    return parse_request(raw, BIG) if depth == 0 else _at_stack_depth(depth - 1, raw)
+
+
+@pytest.mark.parametrize("nesting", [150, 199, 201, 300, 600, 900, 990])
+def test_deeply_nested_request_gives_the_same_error_at_any_stack_depth(nesting: int) -> None:
+    """Found by fuzzing the daemon: json.loads (reading the ids of a bad request) went deeper
+    in the test's stack than in paho's network thread, so the error's topic depended on the
+    caller. Now the outcome depends on the payload only."""
+    raw = b'{"request_id":"r1","message":"hi","system":' + b"[" * nesting + b"]" * nesting + b"}"
+    shallow = parse_request(raw, BIG)
+    assert isinstance(shallow, RequestError)
+    for depth in (100, 400, 700):
+        assert _at_stack_depth(depth, raw) == shallow
+    readable = ("r1", "default") if "recursion limit" not in shallow.message else (None, None)
+    assert (shallow.request_id, shallow.conversation_id) == readable
