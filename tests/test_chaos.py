@@ -112,6 +112,7 @@ def test_soak_reports_rss_after_warm_up(tmp_path: Path) -> None:
         "--max-tokens", "4",
         "--sample-every", "0.5",
         "--warmup", "0.25",
+        "--warmup-requests", "5",
         "--rss-limit", "1000",
     )  # fmt: skip
     m = r["memory"]
