@@ -103,10 +103,16 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}{more}"
 
 
-def _readable_ids(payload: bytes) -> tuple[str | None, str | None]:
+def _readable_ids(payload: bytes, exc: ValidationError) -> tuple[str | None, str | None]:
     """request_id and conversation_id from a payload that failed validation, when they are valid."""
+    if any("recursion limit" in e["msg"] for e in exc.errors() if e["type"] == "json_invalid"):
+        # Nested deeper than the validator reads: unreadable. json.loads would go deeper or not
+        # depending on how deep the calling thread's stack already is.
+        return None, None
     try:
-        data = json.loads(payload.decode("utf-8"))  # strict: invalid UTF-8 is unreadable
+        # strict: invalid UTF-8 is unreadable. Integers are not needed here: skipping them also
+        # skips Python's limit on their digits, which the validator does not have.
+        data = json.loads(payload.decode("utf-8"), parse_int=_no_int)
     except (ValueError, RecursionError):
         return None, None
     if not isinstance(data, dict):
@@ -121,6 +127,10 @@ def _readable_ids(payload: bytes) -> tuple[str | None, str | None]:
     return ids[0], ids[1]
 
 
+def _no_int(literal: str) -> None:
+    return None
+
+
 _ID_CHECK: Final = TypeAdapter(Identifier, config=ConfigDict(strict=True))
 
 
@@ -133,7 +143,7 @@ def parse_request(payload: bytes, max_payload: int) -> ChatRequest | RequestErro
     try:
         return ChatRequest.model_validate_json(payload)
     except ValidationError as exc:
-        request_id, conversation_id = _readable_ids(payload)
+        request_id, conversation_id = _readable_ids(payload, exc)
         return RequestError(ErrorCode.BAD_REQUEST, _first_error(exc), request_id, conversation_id)
     except Exception as exc:
         return RequestError(ErrorCode.BAD_REQUEST, f"unreadable payload: {type(exc).__name__}")

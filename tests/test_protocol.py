@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -484,6 +485,7 @@ def test_number_with_thousands_of_digits_does_not_crash() -> None:
     raw = b'{"request_id":"r1","message":"hi","seed":' + b"9" * 5000 + b"}"
     err = bad(raw)
     assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == ("r1", "default")  # the reply topic is known
     raw = b'{"request_id":' + b"9" * 5000 + b',"message":"hi"}'
     err = bad(raw)
     assert err.request_id is None
@@ -633,3 +635,260 @@ def test_encode_is_compact_utf8_json() -> None:
     raw = encode({"type": "x", "text": '中"\\\n'})
     assert raw == '{"type":"x","text":"中\\"\\\\\\n"}'.encode()
     assert json.loads(raw) == {"type": "x", "text": '中"\\\n'}
+
+
+# -- fuzzing: what the issue lists beyond the above --------------------------------------------
+# BOMs, NUL, overlong UTF-8, numbers like 1e400 / -0 / NaN in every numeric field, duplicate
+# keys, deep values of any depth anywhere, and byte-level mutations of a valid request.
+
+NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "seed"]
+VALID = b'{"request_id":"r1","conversation_id":"c1","message":"Hello","max_tokens":5}'
+
+
+@pytest.mark.parametrize("bom", [b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe", b"\x00\x00\xfe\xff"])
+def test_byte_order_mark_before_the_json_is_a_bad_request_without_ids(bom: bytes) -> None:
+    # RFC 8259: no BOM in networked JSON; a node that guessed would accept two encodings.
+    err = bad(bom + VALID)
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == (None, None)
+
+
+def test_bom_character_inside_the_message_is_text() -> None:
+    req = parse_request(request(message="\ufeffhi"), LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.message == "\ufeffhi"
+
+
+@pytest.mark.parametrize("field", NUMERIC)
+@pytest.mark.parametrize("literal", [b"1e400", b"-1e400", b"1E+400", b"NaN", b"Infinity"])
+def test_non_finite_or_overflowing_number_is_a_bad_request_naming_the_field(
+    field: str, literal: bytes
+) -> None:
+    raw = VALID[:-1] + b',"' + field.encode() + b'":' + literal + b"}"
+    err = bad(raw)
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert err.message.startswith(field)
+    assert (err.request_id, err.conversation_id) == ("r1", "c1")
+
+
+@pytest.mark.parametrize(
+    ("field", "literal", "value"),
+    [
+        ("temperature", b"-0", 0.0),
+        ("temperature", b"-0.0", 0.0),
+        ("temperature", b"1e-400", 0.0),  # underflows to zero: greedy
+        ("top_k", b"-0", 0),
+        ("seed", b"-0", 0),
+        ("top_p", b"1.0e0", 1.0),
+    ],
+)
+def test_negative_zero_and_underflow_read_as_zero(field: str, literal: bytes, value: Any) -> None:
+    req = parse_request(VALID[:-1] + b',"' + field.encode() + b'":' + literal + b"}", LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert getattr(req, field) == value
+
+
+@pytest.mark.parametrize("literal", [b"-0", b"1e2", b"1.0", b"-0.0"])
+def test_max_tokens_must_be_a_positive_json_integer(literal: bytes) -> None:
+    err = bad(b'{"request_id":"r1","message":"hi","max_tokens":' + literal + b"}")
+    assert err.message.startswith("max_tokens")
+
+
+@pytest.mark.parametrize(
+    ("raw", "request_id", "outcome"),
+    [
+        (b'{"request_id":"r1","request_id":"r2","message":"hi"}', "r2", "ok"),
+        (b'{"request_id":"bad id","request_id":"r2","message":""}', "r2", "message"),
+        (b'{"request_id":"r2","request_id":"bad id","message":"hi"}', None, "request_id"),
+        (b'{"request_id":"r1","message":"hi","message":5}', "r1", "message"),
+        (b'{"request_id":"r1","message":5,"message":"hi"}', "r1", "ok"),
+    ],
+)
+def test_duplicate_keys_the_last_one_counts_in_request_and_error_alike(
+    raw: bytes, request_id: str | None, outcome: str
+) -> None:
+    result = parse_request(raw, LIMIT)
+    if outcome == "ok":
+        assert isinstance(result, ChatRequest)
+        assert result.request_id == request_id
+    else:
+        assert isinstance(result, RequestError)
+        assert result.message.startswith(outcome)
+        assert result.request_id == request_id
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"request_id":"r1","message":"a\x00b"}',  # raw control character in a string
+        b'{"request_id":"r1","message":"hi"}\x00',
+        b'\x00{"request_id":"r1","message":"hi"}',
+        b'{"request_id":"r1\\u0000","message":"hi"}',
+        b'{"request_id":"r1","conversation_id":"c\\u0000","message":"hi"}',
+    ],
+)
+def test_nul_outside_text_or_in_an_id_is_a_bad_request(raw: bytes) -> None:
+    assert bad(raw).code is ErrorCode.BAD_REQUEST
+
+
+def test_escaped_nul_in_the_message_is_text() -> None:
+    req = parse_request(b'{"request_id":"r1","message":"a\\u0000b"}', LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.message == "a\0b"
+
+
+def overlong(codepoint: int, length: int) -> bytes:
+    """`codepoint` encoded in `length` UTF-8 bytes although it needs fewer: invalid UTF-8."""
+    head = {2: 0xC0, 3: 0xE0, 4: 0xF0}[length]
+    tail = [0x80 | ((codepoint >> (6 * i)) & 0x3F) for i in range(length - 1)][::-1]
+    return bytes([head | (codepoint >> (6 * (length - 1))), *tail])
+
+
+@FUZZ
+@given(st.integers(min_value=0, max_value=0xFFFF), st.sampled_from([2, 3, 4]), st.booleans())
+def test_overlong_utf8_anywhere_is_a_bad_request_without_ids(
+    codepoint: int, length: int, in_id: bool
+) -> None:
+    needed = len(chr(codepoint).encode("utf-8", "surrogatepass"))
+    if needed >= length:
+        codepoint &= 0x7F  # an ASCII character is overlong in any longer form
+    seq = overlong(codepoint, length)
+    with pytest.raises(UnicodeDecodeError):
+        seq.decode("utf-8")
+    where = b"r" + seq if in_id else b"Hi " + seq
+    raw = (
+        b'{"request_id":"' + where + b'","message":"hi"}'
+        if in_id
+        else b'{"request_id":"r1","message":"' + where + b'"}'
+    )
+    err = bad(raw)
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == (None, None)
+
+
+NUMBER_LITERALS = [
+    b"1e400", b"-1e400", b"1e-400", b"-0", b"-0.0", b"0e0", b"NaN", b"-NaN", b"Infinity",
+    b"-Infinity", b"1" * 400, b"-" + b"9" * 30, b"4294967295", b"4294967296", b"0.5",
+    b"5.000000000000001", b"1e2", b"01", b"+1", b".5", b"1.", b"0x10", b"1_000",
+]  # fmt: skip
+weird_numbers = (
+    st.sampled_from(NUMBER_LITERALS)
+    | st.floats().map(lambda f: repr(f).encode())
+    | st.integers().map(lambda i: b"%d" % i)
+)
+
+
+@FUZZ
+@given(st.sampled_from(NUMERIC), weird_numbers)
+def test_any_number_literal_in_a_numeric_field_gives_a_valid_request_or_typed_error(
+    field: str, literal: bytes
+) -> None:
+    result = parse_request(VALID[:-1] + b',"' + field.encode() + b'":' + literal + b"}", LIMIT)
+    assert_well_formed(result)
+    if isinstance(result, ChatRequest):
+        value = getattr(result, field)
+        assert isinstance(value, int) or math.isfinite(value)  # max_tokens: any size, clamped
+        assert ChatRequest.model_validate(result.model_dump()) == result  # in range
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([*FIELDS, "x"]), json_values | json_scalars),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_objects_with_repeated_keys_read_the_last_value_of_each(
+    pairs: list[tuple[str, Any]],
+) -> None:
+    raw = ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}").encode(
+        "utf-8", "surrogatepass"
+    )
+    result = parse_request(raw, LIMIT)
+    assert_well_formed(result)
+    last = dict(pairs)
+    if isinstance(result, ChatRequest):
+        assert result.request_id == last["request_id"]
+        assert result.message == last["message"]
+    elif result.request_id is not None:
+        assert result.request_id == last["request_id"]
+
+
+@FUZZ
+@given(
+    st.sampled_from([*FIELDS, "unknown"]),
+    st.integers(min_value=1, max_value=200_000),
+    st.sampled_from([(b"[", b"]"), (b'{"a":', b"}"), (b'[{"k":', b"}]")]),
+    st.booleans(),
+)
+def test_values_nested_to_any_depth_in_any_field_never_raise(
+    field: str, depth: int, brackets: tuple[bytes, bytes], closed: bool
+) -> None:
+    opening, closing = brackets
+    value = opening * depth + b"1" + (closing * depth if closed else b"")
+    raw = b'{"request_id":"r1","message":"hi","' + field.encode() + b'":' + value + b"}"
+    check_both_parsers(raw, BIG)
+    result = parse_request(raw, BIG)
+    if field in FIELDS:  # a nested value is wrong for every known field
+        assert isinstance(result, RequestError)
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "delete", "replace", "repeat"]),
+            st.integers(min_value=0, max_value=len(VALID)),
+            st.binary(min_size=1, max_size=4),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_mutations_of_a_valid_request_never_raise(edits: list[tuple[str, int, bytes]]) -> None:
+    raw = bytearray(VALID)
+    for op, where, data in edits:
+        pos = min(where, len(raw))
+        if op == "insert":
+            raw[pos:pos] = data
+        elif op == "delete":
+            del raw[pos : pos + len(data)]
+        elif op == "replace":
+            raw[pos : pos + len(data)] = data
+        else:
+            raw[pos:pos] = raw[pos : pos + 8] * 3
+    check_both_parsers(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"request_id":"r1","message":"' + b"x" * (LIMIT - 31) + b'"}',  # one byte over
+        b'{"request_id":"r1","message":"hi","pad":"' + b"\\u0041" * 20_000 + b'"}',
+        b'{"request_id":"r1","message":"hi","pad":[' + b"1," * 30_000 + b"1]}",
+        b'{"request_id":"r1","message":"hi","pad":{'
+        + b",".join(b'"k%d":%d' % (i, i) for i in range(5_000))
+        + b"}}",
+    ],
+)
+def test_huge_values_near_the_payload_limit_give_a_result_or_typed_error(raw: bytes) -> None:
+    check_both_parsers(raw)
+
+
+def _at_stack_depth(depth: int, raw: bytes) -> ChatRequest | RequestError:
+    return parse_request(raw, BIG) if depth == 0 else _at_stack_depth(depth - 1, raw)
+
+
+@pytest.mark.parametrize("nesting", [150, 199, 201, 300, 600, 900, 990])
+def test_deeply_nested_request_gives_the_same_error_at_any_stack_depth(nesting: int) -> None:
+    """Found by fuzzing the daemon: json.loads (reading the ids of a bad request) went deeper
+    in the test's stack than in paho's network thread, so the error's topic depended on the
+    caller. Now the outcome depends on the payload only."""
+    raw = b'{"request_id":"r1","message":"hi","system":' + b"[" * nesting + b"]" * nesting + b"}"
+    shallow = parse_request(raw, BIG)
+    assert isinstance(shallow, RequestError)
+    for depth in (100, 400, 700):
+        assert _at_stack_depth(depth, raw) == shallow
+    readable = ("r1", "default") if "recursion limit" not in shallow.message else (None, None)
+    assert (shallow.request_id, shallow.conversation_id) == readable
