@@ -152,7 +152,11 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("QWEN_EDGE_") and k != "STATE_DIRECTORY"
+        }
         env.update(
             QWEN_EDGE_MQTT__HOST="127.0.0.1",
             QWEN_EDGE_MQTT__PORT=str(self.broker.port),
@@ -162,6 +166,8 @@ class Daemon:
             QWEN_EDGE_MODEL__N_CTX="2048",
             QWEN_EDGE_NODE_ID=NODE,
             QWEN_EDGE_SERVICE__LOG_FORMAT="json",
+            # Never the real /var/lib/qwen-edge; a test that restarts a node passes its own.
+            QWEN_EDGE_SERVICE__STATE_DIR=str(self.workdir / "state"),
         )
         env.update(self.extra_env)
         return env

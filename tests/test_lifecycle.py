@@ -192,11 +192,11 @@ def test_waits_for_the_broker_before_ready(tmp_path: Path) -> None:
         broker.stop()
 
 
-def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _serve(env: dict[str, str], state_dir: Path) -> subprocess.CompletedProcess[str]:
     import os
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
-    full.update(env)
+    full.update(env, QWEN_EDGE_SERVICE__STATE_DIR=str(state_dir))
     return subprocess.run(
         [sys.executable, "-m", "qwen_edge", "serve"],
         env=full,
@@ -219,7 +219,8 @@ def test_unusable_model_file_exits_3_with_one_clear_line(
             "QWEN_EDGE_MODEL__PATH": str(model),
             "QWEN_EDGE_MQTT__PORT": "1",
             "QWEN_EDGE_SERVICE__LOG_FORMAT": "json",
-        }
+        },
+        tmp_path / "state",
     )
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
@@ -232,7 +233,9 @@ def test_unusable_model_file_exits_3_with_one_clear_line(
 def test_truncated_gguf_is_refused_without_crashing(tmp_path: Path) -> None:
     model = tmp_path / "truncated.gguf"
     model.write_bytes(SMOLLM.read_bytes()[: 1 << 20])
-    result = _serve({"QWEN_EDGE_MODEL__PATH": str(model), "QWEN_EDGE_MQTT__PORT": "1"})
+    result = _serve(
+        {"QWEN_EDGE_MODEL__PATH": str(model), "QWEN_EDGE_MQTT__PORT": "1"}, tmp_path / "state"
+    )
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
 
