@@ -127,13 +127,11 @@ class StateStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             return self._connect(str(self.path))
         except (sqlite3.Error, OSError, _Unusable) as exc:
-            log.warning(
-                "state_store_unusable", path=str(self.path), error=_describe(exc), action="moved"
-            )
-        return self._replace()
+            return self._replace(_describe(exc))
 
-    def _replace(self) -> sqlite3.Connection:
-        """Move the file aside and start a fresh one; in memory if that fails too."""
+    def _replace(self, problem: str) -> sqlite3.Connection:
+        """Move the file aside and start a fresh one; in memory if that fails too. One log
+        line either way."""
         assert self.path is not None
         try:
             aside = self._move_aside(self.path)
@@ -142,12 +140,15 @@ class StateStore:
             log.error(
                 "state_store_in_memory",
                 path=str(self.path),
-                error=_describe(exc),
+                error=problem,
+                fresh_file_error=_describe(exc),
                 consequence="history and request outcomes are lost when the node stops",
             )
             self.path = None
             return self._connect(":memory:")
-        log.warning("state_store_moved_aside", path=str(self.path), moved_to=str(aside))
+        log.warning(
+            "state_store_moved_aside", path=str(self.path), error=problem, moved_to=str(aside)
+        )
         return db
 
     @staticmethod
@@ -224,8 +225,7 @@ class StateStore:
             self._db = self._connect(":memory:")
             return
         if code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            log.warning("state_store_corrupt", path=str(self.path), error=_describe(exc))
-            self._db = self._replace()
+            self._db = self._replace(_describe(exc))
             return
         log.error(
             "state_store_in_memory",
