@@ -1,6 +1,7 @@
 """Wires the parts and runs the node's life: load, connect, serve, drain, stop.
 
-Start: connect -> load the model -> join the pool -> READY=1.
+Start: open the state store -> connect -> load the model -> serve the requests kept in the inbox
+-> join the pool -> READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1 -> leave the pool -> stop intake -> finish or cancel in-flight
 replies -> publish offline -> disconnect -> exit 0.
 

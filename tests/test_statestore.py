@@ -311,3 +311,35 @@ def test_errors_after_acceptance_are_outcomes(tmp_path: Path, code: ErrorCode) -
     stream.error(code, "no")
     recorded = journal.admit("dev1", "r1", lambda: None)
     assert isinstance(recorded, Outcome) and list(recorded.messages) == sent.messages
+
+
+class RecordingJournal:
+    def __init__(self, sent: Sent) -> None:
+        self._sent = sent
+        self.calls: list[tuple[Any, ...]] = []
+
+    def opening(self) -> None:
+        self.calls.append(("opening", len(self._sent.messages)))
+
+    def closing(self, messages: list[bytes], code: ErrorCode | None) -> None:
+        self.calls.append(("closing", len(self._sent.messages), list(messages), code))
+
+
+def test_stream_tells_its_journal_before_the_first_and_before_the_final_message() -> None:
+    sent = Sent()
+    journal = RecordingJournal(sent)
+    stream = ReplyStream(sent, "t", "r1", None, journal)
+    stream.start("n", "m")
+    stream.chunk("a")
+    stream.chunk("b")
+    stream.done(FinishReason.STOP, 1, 2, None, None)
+    stream.error(ErrorCode.INTERNAL, "after the end: nothing")
+    assert len(sent.messages) == 4
+    assert journal.calls == [("opening", 0), ("closing", 3, sent.messages, None)]
+
+
+def test_a_lone_error_is_only_a_closing() -> None:
+    sent = Sent()
+    journal = RecordingJournal(sent)
+    ReplyStream(sent, "t", "r1", None, journal).error(ErrorCode.BUSY, "later")
+    assert journal.calls == [("closing", 0, sent.messages, ErrorCode.BUSY)]
