@@ -300,6 +300,7 @@ class Service:
             outcomes_ttl=s.service.outcomes_ttl,
         )
         self._journal = RequestJournal(state)
+        state.start_checkpoints()
         conversations = ConversationStore(
             s.conversations.max_conversations, s.conversations.idle_ttl, persist=state
         )

@@ -57,6 +57,16 @@ def _events(daemons: list[Daemon], event: str, **match: Any) -> list[dict[str, A
     ]
 
 
+def _logged(daemons: list[Daemon], event: str, count: int, **match: Any) -> None:
+    """Wait until `event` is logged `count` times (the log line follows the reply's last
+    message), then check it stays at that."""
+    deadline = time.monotonic() + 10
+    while len(_events(daemons, event, **match)) < count:
+        assert time.monotonic() < deadline, f"{event} {match}: {_events(daemons, event)}"
+        time.sleep(0.05)
+    assert len(_events(daemons, event, **match)) == count
+
+
 def _drain(probe: Probe, seconds: float) -> list[tuple[str, dict[str, Any], Any]]:
     got = []
     deadline = time.monotonic() + seconds
@@ -78,7 +88,8 @@ def test_sigkill_mid_stream_queued_requests_are_served_and_history_survives(
         dev.subscribe(f"{PREFIX}/{NODE}/reply/crashy/#")
         greedy = {"temperature": 0}
         turn1 = dev.collect(
-            dev.request("Name a colour.", conversation_id="keep", max_tokens=8, **greedy)
+            dev.request("Name a colour.", conversation_id="keep", max_tokens=8, **greedy),
+            timeout=120,
         )
         assert turn1[-1]["type"] == "done"
 
@@ -86,7 +97,7 @@ def test_sigkill_mid_stream_queued_requests_are_served_and_history_survives(
         long_id = dev.request("Tell me a long story about a dragon.", max_tokens=1500, **greedy)
         follow_up = dev.request("And another one?", conversation_id="keep", max_tokens=6, **greedy)
         others = [dev.request(f"Say {w}.", conversation_id=w, max_tokens=4) for w in ("a", "b")]
-        seen = dev.until(long_id, 3)
+        seen = dev.until(long_id, 3, timeout=120)
         deadline = time.monotonic() + 30
         while _inbox_size(tmp_path / "state") < 4:  # all four accepted and acknowledged
             assert time.monotonic() < deadline, "the daemon never accepted the queued requests"
@@ -130,6 +141,27 @@ def test_sigkill_mid_stream_queued_requests_are_served_and_history_survives(
         dev.close()
 
 
+def test_a_request_delivered_but_not_acknowledged_is_delivered_again(
+    node: Any, broker: Broker
+) -> None:
+    first = node()
+    first.start()
+    dev = Probe(broker, "frozen", persistent=True)
+    try:
+        dev.subscribe(dev.reply_topic())
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGSTOP)  # the broker delivers; nobody reads or acks
+        rid = dev.request("Hello", max_tokens=3)
+        time.sleep(0.5)
+        first.stop(signal.SIGKILL)
+        second = node()
+        second.start()
+        assert dev.collect(rid, timeout=120)[-1]["type"] == "done"
+        _logged([second], "request_done", 1, request_id=rid)
+    finally:
+        dev.close()
+
+
 def test_a_request_id_is_generated_once_whatever_the_duplicates(node: Any, broker: Broker) -> None:
     first = node()
     first.start()
@@ -161,16 +193,15 @@ def test_a_request_id_is_generated_once_whatever_the_duplicates(node: Any, broke
             assert time.monotonic() < deadline, "a duplicate was not answered"
             time.sleep(0.05)
         _drain(dev, 1)
-        time.sleep(0.5)  # the log lines follow the messages
 
         copies = Counter(payload for topic, payload in dev.raw if topic.endswith("/inbox"))
         assert len(copies) == len(original)  # the same messages...
         assert set(copies.values()) == {4}  # ...each exactly four times, nothing else
         assert not [t for t, _ in dev.raw if t.endswith("/default")]  # only the response topic
         daemons = [first, second]
-        assert len(_events(daemons, "request_done", request_id="dup-1")) == 1
-        assert len(_events(daemons, "duplicate_ignored", request_id="dup-1")) == 1
-        assert len(_events(daemons, "duplicate_replayed", request_id="dup-1")) == 3
+        _logged(daemons, "duplicate_replayed", 3, request_id="dup-1")
+        _logged(daemons, "request_done", 1, request_id="dup-1")
+        _logged(daemons, "duplicate_ignored", 1, request_id="dup-1")
     finally:
         dev.close()
 
@@ -184,10 +215,7 @@ def test_a_new_request_id_is_a_new_generation(node: Any, broker: Broker) -> None
         a = dev.collect(dev.request("Hi", request_id="one", max_tokens=3))
         b = dev.collect(dev.request("Hi", request_id="two", max_tokens=3))
         assert a[-1]["type"] == b[-1]["type"] == "done"
-        deadline = time.monotonic() + 10  # the log line follows the done message
-        while len(_events([d], "request_done")) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _logged([d], "request_done", 2)
     finally:
         dev.close()
 

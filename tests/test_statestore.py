@@ -343,3 +343,35 @@ def test_a_lone_error_is_only_a_closing() -> None:
     journal = RecordingJournal(sent)
     ReplyStream(sent, "t", "r1", None, journal).error(ErrorCode.BUSY, "later")
     assert journal.calls == [("closing", 0, sent.messages, ErrorCode.BUSY)]
+
+
+@pytest.mark.parametrize("bounds", [{"outcomes_max": 0}, {"outcomes_ttl": 0}])
+def test_no_outcomes_are_kept_when_the_bounds_are_zero(
+    tmp_path: Path, bounds: dict[str, float]
+) -> None:
+    store = StateStore(tmp_path, **bounds)  # type: ignore[arg-type]
+    entry = store.accept(TOPIC, b"{}", None, None)
+    assert entry is not None
+    store.finish(entry, outcome())
+    assert store.outcome("dev1", "r1") is None
+    assert store.recover() == ([], [])
+
+
+def test_checkpoints_run_on_their_own_thread_and_keep_the_wal_small(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    main, wal = tmp_path / FILE_NAME, tmp_path / f"{FILE_NAME}-wal"
+    before = main.stat().st_size
+    for i in range(300):
+        store.finish(None, outcome(f"r{i}", n=400))
+    assert wal.stat().st_size > 4 << 20  # commits only append to the WAL...
+    assert main.stat().st_size == before
+    store.start_checkpoints(interval=0.05)
+    deadline = time.monotonic() + 10
+    while main.stat().st_size == before:  # ...the checkpoint thread copies it back
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    store.finish(None, outcome("after"))  # and the next writer starts the WAL afresh
+    assert wal.stat().st_size <= 4 << 20
+    store.close()
+    assert StateStore(tmp_path).outcome("dev1", "r299") == outcome("r299", n=400)
