@@ -15,6 +15,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from qwen_edge.statestore import StateStore
+
 from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, reply_text
 
 ONE_SLOT = {
@@ -158,6 +160,42 @@ def test_a_request_delivered_but_not_acknowledged_is_delivered_again(
         second.start()
         assert dev.collect(rid, timeout=120)[-1]["type"] == "done"
         _logged([second], "request_done", 1, request_id=rid)
+    finally:
+        dev.close()
+
+
+def test_a_request_kept_and_also_delivered_again_is_generated_once(
+    node: Any, broker: Broker, tmp_path: Path
+) -> None:
+    """As if the node had committed a request and died before its PUBACK went out: the
+    request is in its inbox, and the broker delivers it again."""
+    first = node()
+    first.start()
+    topic = f"{PREFIX}/{NODE}/request/twin"
+    body = json.dumps({"request_id": "both", "message": "Hi", "max_tokens": 3}).encode()
+    dev = Probe(broker, "twin", persistent=True)
+    try:
+        dev.subscribe(dev.reply_topic())
+        first.stop(signal.SIGKILL)
+        store = StateStore(tmp_path / "state")
+        assert store.accept(topic, body, None, None) is not None
+        store.close()
+        dev.publish(topic, body)
+        second = node()
+        second.start()
+        msgs = dev.collect("both", timeout=120)
+        assert msgs[-1]["type"] == "done"
+        _logged([second], "request_done", 1, request_id="both")
+        _drain(dev, 2)
+        duplicates = [
+            e["event"]
+            for e in second.log_events()
+            if e.get("event") in ("duplicate_ignored", "duplicate_replayed")
+        ]
+        assert len(duplicates) == 1, duplicates  # the second copy was seen, and not run
+        copies = Counter(p for _, p in dev.raw if b'"both"' in p)
+        assert len(copies) == len(msgs)  # one reply, perhaps sent twice (the replay)
+        assert set(copies.values()) <= {1, 2}
     finally:
         dev.close()
 
