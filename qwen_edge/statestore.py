@@ -34,6 +34,17 @@ FILE_NAME = "history.db"
 SCHEMA_VERSION = 1
 _PRUNE_EVERY = 64  # outcomes recorded between two prunings by count
 _WAL_LIMIT = 4 << 20  # bytes the WAL file is cut back to after a checkpoint
+# What a failed write says about the file (primary result codes, sqlite3.SQLITE_*).
+_DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_UNWRITABLE = frozenset(
+    {
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PERM,
+    }
+)
 _T = TypeVar("_T")
 
 _SCHEMA = """
@@ -201,17 +212,20 @@ class StateStore:
         return db
 
     def _write(self, action: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
-        """Run one write; on a database fault, replace the store and try once more."""
+        """Run one write. If the file turned out damaged or unwritable, replace the store and
+        try once more; any other failure only loses this write."""
         with self._lock:
-            for attempt in (1, 2):
-                try:
-                    return action(self._db)
-                except sqlite3.Error as exc:
-                    if attempt == 2:
-                        log.error("state_write_failed", error=_describe(exc))
-                        return default
-                    self._recover_from(exc)
-        return default  # pragma: no cover (the loop returns)
+            try:
+                return action(self._db)
+            except sqlite3.Error as exc:
+                if not self._recover_from(exc):
+                    log.error("state_write_failed", error=_describe(exc))
+                    return default
+            try:
+                return action(self._db)
+            except sqlite3.Error as exc:
+                log.error("state_write_failed", error=_describe(exc))
+                return default
 
     def _read(self, action: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
         with self._lock:
@@ -221,19 +235,20 @@ class StateStore:
                 log.error("state_read_failed", error=_describe(exc))
                 return default
 
-    def _recover_from(self, exc: sqlite3.Error) -> None:
-        """A file that turned corrupt is moved aside; one that cannot be written (disk full,
-        read-only, I/O error) is left as it is, for the next start, and the store goes on in
-        memory. Called with the lock held."""
+    def _recover_from(self, exc: sqlite3.Error) -> bool:
+        """A file that turned corrupt is moved aside for a fresh one; one that cannot be
+        written (disk full, read-only, I/O error) is left as it is, for the next start, and the
+        store goes on in memory. False (nothing done) for other failures, and in memory.
+        Called with the lock held."""
         code = getattr(exc, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        if self.path is None or primary not in _DAMAGED | _UNWRITABLE:
+            return False
         with suppress(sqlite3.Error):
             self._db.close()
-        if self.path is None:  # already in memory: a fresh in-memory store
-            self._db = self._connect(":memory:")
-            return
-        if code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        if primary in _DAMAGED:
             self._db = self._replace(_describe(exc))
-            return
+            return True
         log.error(
             "state_store_in_memory",
             path=str(self.path),
@@ -242,6 +257,7 @@ class StateStore:
         )
         self.path = None
         self._db = self._connect(":memory:")
+        return True
 
     def start_checkpoints(self, interval: float = 5.0) -> None:
         """Copy the WAL into the database file every `interval` seconds, on a thread of its own

@@ -375,3 +375,18 @@ def test_checkpoints_run_on_their_own_thread_and_keep_the_wal_small(tmp_path: Pa
     assert wal.stat().st_size <= 4 << 20
     store.close()
     assert StateStore(tmp_path).outcome("dev1", "r299") == outcome("r299", n=400)
+
+
+def test_a_write_that_fails_for_another_reason_is_lost_alone(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store._db.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(tmp_path / FILE_NAME, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # someone holds the file's write lock
+    with capture_logs() as logs:
+        store.save_conversation(("dev1", "c"), None, [("q", "a")])
+    assert events(logs) == ["state_write_failed"]
+    assert "SQLITE_BUSY" in logs[0]["error"]
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.durable and aside(tmp_path) == []  # the file is fine: keep using it
+    _usable(store)
