@@ -4,10 +4,12 @@ ids, and a state store that cannot be used. Real broker, real daemon, SmolLM2.""
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import sqlite3
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ def node(broker: Broker, tmp_path: Path) -> Any:
 def _inbox_size(state_dir: Path) -> int:
     """Requests the daemon has accepted (and acknowledged) and not finished, read from its
     store as another process may (WAL)."""
-    with sqlite3.connect(state_dir / "history.db", timeout=5) as db:
+    with closing(sqlite3.connect(state_dir / "history.db", timeout=5)) as db:
         return int(db.execute("SELECT count(*) FROM inbox").fetchone()[0])
 
 
@@ -75,7 +77,7 @@ def _drain(probe: Probe, seconds: float) -> list[tuple[str, dict[str, Any], Any]
     while time.monotonic() < deadline:
         try:
             got.append(probe.next_message(timeout=max(deadline - time.monotonic(), 0.01)))
-        except Exception:
+        except queue.Empty:
             break
     return got
 
