@@ -1,6 +1,7 @@
 """Chat history per (client_id, conversation_id), bounded in count and age, fitted to the context.
 
-Only the inference thread touches the store, so it needs no lock.
+Only the inference thread touches the store, so it needs no lock. With a `persist`, every change
+is written through (statestore), so the history survives a restart.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 ConversationKey = tuple[str, str]  # (client_id, conversation_id)
 
@@ -74,13 +76,38 @@ def fit_prompt(
     return best, hi
 
 
+class ConversationPersistence(Protocol):
+    def save_conversation(
+        self, key: ConversationKey, system: str | None, turns: list[tuple[str, str]]
+    ) -> None: ...
+
+    def delete_conversation(self, key: ConversationKey) -> None: ...
+
+
 class ConversationStore:
     """Least-recently-used conversations, forgotten after `idle_ttl` seconds without use."""
 
-    def __init__(self, max_conversations: int, idle_ttl: float) -> None:
+    def __init__(
+        self,
+        max_conversations: int,
+        idle_ttl: float,
+        persist: ConversationPersistence | None = None,
+    ) -> None:
         self._items: OrderedDict[ConversationKey, Conversation] = OrderedDict()
         self._max = max_conversations
         self._ttl = idle_ttl
+        self._persist = persist
+
+    def restore(
+        self, key: ConversationKey, system: str | None, turns: list[tuple[str, str]], idle: float
+    ) -> None:
+        """Put back a saved conversation, unused for `idle` seconds; call least recent first."""
+        if idle > self._ttl:
+            return
+        self._items.pop(key, None)
+        self._items[key] = Conversation(system, list(turns), time.monotonic() - idle)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -92,10 +119,11 @@ class ConversationStore:
         conversation = None if reset else self._items.get(key)
         if conversation is None:
             conversation = Conversation(last_used=now)
-            self._items.pop(key, None)  # a reset one goes to the young end, like a new one
-            self._items[key] = conversation
+            if self._items.pop(key, None) is not None and self._persist is not None:
+                self._persist.delete_conversation(key)  # reset
+            self._items[key] = conversation  # a reset one goes to the young end, like a new one
             while len(self._items) > self._max:
-                self._items.popitem(last=False)
+                self._forget(self._items.popitem(last=False)[0])
         else:
             conversation.last_used = now
             self._items.move_to_end(key)
@@ -109,6 +137,12 @@ class ConversationStore:
         conversation.system = system
         del conversation.turns[:dropped]
         conversation.turns.append((user, reply))
+        if self._persist is not None:
+            self._persist.save_conversation(key, system, conversation.turns)
+
+    def _forget(self, key: ConversationKey) -> None:
+        if self._persist is not None:
+            self._persist.delete_conversation(key)
 
     def _expire(self, now: float) -> None:
         while self._items:
@@ -116,3 +150,4 @@ class ConversationStore:
             if now - oldest.last_used <= self._ttl:
                 return
             del self._items[key]
+            self._forget(key)

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .protocol import ErrorCode, FinishReason, encode
 
 # publish(topic, payload, correlation_data); must be safe to call from any thread.
 Publish = Callable[[str, bytes, bytes | None], None]
+
+
+class StreamJournal(Protocol):
+    """Told about a reply's first and last message before they go out (statestore)."""
+
+    def opening(self) -> None:
+        """The first message of a reply that will have more is about to be sent."""
+
+    def closing(self, messages: list[bytes], code: ErrorCode | None) -> None:
+        """The final message (the last of `messages`, every one sent in order) is about to be
+        sent; `code` is the error's, None for done."""
 
 
 class ReplyStream:
@@ -18,10 +29,12 @@ class ReplyStream:
     __slots__ = (
         "_chunk_head",
         "_correlation",
+        "_journal",
         "_on_end",
         "_publish",
         "ended",
         "request_id",
+        "sent",
         "seq",
         "started",
         "topic",
@@ -33,10 +46,14 @@ class ReplyStream:
         topic: str,
         request_id: str | None,  # None: an error for a request whose id could not be read
         correlation: bytes | None = None,
+        *,
+        journal: StreamJournal | None = None,
         on_end: Callable[[], None] | None = None,  # called once, after done or error is sent
     ) -> None:
         self._publish = publish
+        self._journal = journal
         self._on_end = on_end
+        self.sent: list[bytes] = []  # every payload sent, kept only for a journal
         self.topic = topic
         self.request_id = request_id
         self._correlation = correlation
@@ -49,6 +66,20 @@ class ReplyStream:
         ).encode("utf-8")
 
     def _send(self, payload: bytes) -> None:
+        if self._journal is not None:
+            if self.seq == 0:
+                self._journal.opening()
+            self.sent.append(payload)
+        self.seq += 1
+        self._publish(self.topic, payload, self._correlation)
+
+    def _send_final(self, payload: bytes, code: ErrorCode | None) -> None:
+        self.ended = True
+        if self._journal is not None:
+            self.sent.append(payload)
+            self._journal.closing(self.sent, code)
+            self._journal = None
+            self.sent = []
         self.seq += 1
         self._publish(self.topic, payload, self._correlation)
 
@@ -85,8 +116,7 @@ class ReplyStream:
         """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again."""
         if self.ended:
             return
-        self.ended = True
-        self._send(
+        self._send_final(
             self._message(
                 "done",
                 finish_reason=finish_reason.value,
@@ -99,7 +129,8 @@ class ReplyStream:
                     "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
                     "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
                 },
-            )
+            ),
+            None,
         )
         self._ended()
 
@@ -107,9 +138,8 @@ class ReplyStream:
         """`retry_after`: seconds after which the same request would be accepted, if known."""
         if self.ended:
             return
-        self.ended = True
         extra = {} if retry_after is None else {"retry_after": retry_after}
-        self._send(self._message("error", code=code.value, message=message, **extra))
+        self._send_final(self._message("error", code=code.value, message=message, **extra), code)
         self._ended()
 
     def _ended(self) -> None:

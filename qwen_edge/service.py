@@ -1,6 +1,7 @@
 """Wires the parts and runs the node's life: load, connect, serve, drain, stop.
 
-Start: connect -> verify the model file -> load the model -> join the pool -> READY=1.
+Start: open the state store -> connect -> verify the model file -> load the model -> serve the
+requests kept in the inbox -> join the pool -> READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1 -> leave the pool -> stop intake -> finish or cancel in-flight
 replies -> publish offline -> disconnect -> exit 0.
 
@@ -25,6 +26,7 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
+from .journal import RequestJournal
 from .limits import ClientLimits
 from .modelfile import ModelError, verify_model_file
 from .mqtt import Inbound, MqttLink
@@ -43,6 +45,7 @@ from .protocol import (
 from .replies import ReplyStream
 from .scheduler import Job, Scheduler
 from .settings import Settings
+from .statestore import Outcome, StateStore, state_directory
 
 log = structlog.get_logger("qwen_edge.service")
 
@@ -75,7 +78,9 @@ class Service:
         self._pool_link: MqttLink | None = None
         self._failover: Failover | None = None
         self._intake_lock = threading.Lock()
-        self._early: list[Inbound] = []  # requests delivered before the model was loaded
+        self._intake_open = False  # the model is loaded and the requests kept meanwhile handed on
+        self._early: list[Inbound] = []  # delivered while loading and not in the inbox
+        self._journal: RequestJournal | None = None
         self._limits = ClientLimits(settings.limits)
 
     # -- status --------------------------------------------------------------------------------
@@ -110,16 +115,25 @@ class Service:
     # -- intake (paho network thread) ----------------------------------------------------------
 
     def _on_message(self, msg: Inbound) -> None:
-        if self._scheduler is None:
-            with self._intake_lock:
-                if self._scheduler is None:
-                    # Queued for us in the broker session while we were away; the model is
-                    # still loading. Served as soon as it is ready.
-                    self._early.append(msg)
-                    return
         inbound = self.topics.parse(msg.topic)
-        if inbound is not None:
-            self._on_inbound(inbound, msg, self.topics)
+        if inbound is None:
+            return
+        if not self._intake_open:
+            with self._intake_lock:
+                if not self._intake_open:
+                    # Queued for us in the broker session while we were away; the model is
+                    # still loading. Kept (a request in the inbox, so that it survives a crash
+                    # too), and served as soon as the model is ready.
+                    assert self._journal is not None
+                    if inbound.kind is not TopicKind.REQUEST or (
+                        self._journal.store.accept(
+                            msg.topic, msg.payload, msg.response_topic, msg.correlation
+                        )
+                        is None
+                    ):
+                        self._early.append(msg)
+                    return
+        self._on_inbound(inbound, msg, self.topics)
 
     def _on_pool_message(self, msg: Inbound) -> None:
         """From the pool link: pooled requests and cancels, pooled replies, node statuses."""
@@ -152,11 +166,23 @@ class Service:
         if found or not pooled:
             log.info("cancel", client_id=client_id, request_id=cancel.request_id, found=found)
 
-    def _on_request(self, client_id: str, msg: Inbound, topics: Topics, pooled: bool) -> None:
+    def _on_request(
+        self,
+        client_id: str,
+        msg: Inbound,
+        topics: Topics,
+        pooled: bool,
+        inbox_id: int | None = None,
+    ) -> None:
+        """`inbox_id`: the request is already in the inbox (kept while loading, or from before
+        a restart)."""
         assert self._scheduler is not None and self._link is not None
+        assert self._journal is not None
+        scheduler, journal = self._scheduler, self._journal
         parsed = parse_request(msg.payload, self.settings.mqtt.max_payload)
         if isinstance(parsed, RequestError):
             self._send_error(client_id, parsed, msg, topics)
+            journal.discard(inbox_id)
             return
         topic = topics.reply(client_id, parsed.conversation_id)
         correlation = None
@@ -169,18 +195,36 @@ class Service:
                     parsed.conversation_id,
                 )
                 self._send_error(client_id, refusal, None, topics)
+                journal.discard(inbox_id)
                 return
             topic, correlation = msg.response_topic, msg.correlation
+        if inbox_id is None and not pooled:
+            # Kept before paho acknowledges the request (when this returns): from then on the
+            # broker forgets it, and the inbox serves it after a crash. Pooled requests are
+            # not kept: the fleet ends them with node_lost instead (docs/protocol.md).
+            inbox_id = journal.store.accept(
+                msg.topic, msg.payload, msg.response_topic, msg.correlation
+            )
         release = partial(self._limits.release, client_id, parsed.request_id)
-        stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation, release)
         limited = self._limits.admit(client_id, parsed.request_id, parsed.conversation_id)
         if limited is not None:  # rate or conversations; logged by the limiter, not per request
-            stream.error(limited.code, limited.message, limited.retry_after)
+            refusal_stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
+            refusal_stream.error(limited.code, limited.message, limited.retry_after)
+            journal.discard(inbox_id)
             return
+        entry = journal.entry(client_id, parsed.request_id, topic, correlation, inbox_id)
+        stream = ReplyStream(
+            self._link.publish, topic, parsed.request_id, correlation, journal=entry, on_end=release
+        )
         job = Job(client_id, parsed, stream, announce=pooled)
-        refused = self._scheduler.submit(job)
-        if refused is ErrorCode.DUPLICATE:
+        refused = journal.admit(client_id, parsed.request_id, lambda: scheduler.submit(job))
+        if isinstance(refused, Outcome):
+            release()
+            journal.discard(inbox_id)
+            self._replay(refused)
+        elif refused is ErrorCode.DUPLICATE:
             release()  # its stream never ends; the original's count may go early (harmless)
+            journal.discard(inbox_id)
             log.info("duplicate_ignored", client_id=client_id, request_id=parsed.request_id)
         elif refused is not None:
             message = {
@@ -191,6 +235,44 @@ class Service:
             log.info("request_refused", client_id=client_id, code=refused.value)
         elif pooled:
             log.info("pooled_request", client_id=client_id, request_id=parsed.request_id)
+
+    def _replay(self, outcome: Outcome) -> None:
+        """A duplicate of a finished request: its reply again, message for message."""
+        assert self._link is not None
+        for payload in outcome.messages:
+            self._link.publish(outcome.topic, payload, outcome.correlation)
+        log.info(
+            "duplicate_replayed",
+            client_id=outcome.client_id,
+            request_id=outcome.request_id,
+            messages=len(outcome.messages),
+        )
+
+    def _serve_kept_requests(self) -> None:
+        """Once the model is loaded: the requests accepted but not started before a crash or
+        restart, and those that arrived while loading; the interrupted ones are only logged.
+        Called with the intake lock held, before new deliveries are handed on."""
+        assert self._journal is not None
+        queued, interrupted = self._journal.store.recover()
+        for entry in interrupted:
+            inbound = self.topics.parse(entry.topic)
+            parsed = parse_request(entry.payload, self.settings.mqtt.max_payload)
+            log.warning(
+                "request_interrupted",
+                client_id=None if inbound is None else inbound.client_id,
+                request_id=getattr(parsed, "request_id", None),
+                consequence="its reply stopped without done/error; not run again",
+            )
+        if queued:
+            log.info("serving_kept_requests", count=len(queued))
+        for entry in queued:
+            inbound = self.topics.parse(entry.topic)
+            if inbound is None or inbound.kind is not TopicKind.REQUEST:
+                log.warning("kept_request_dropped", topic=entry.topic, reason="not our topic")
+                self._journal.discard(entry.id)
+                continue
+            msg = Inbound(entry.topic, entry.payload, entry.response_topic, entry.correlation)
+            self._on_request(inbound.client_id, msg, self.topics, False, entry.id)
 
     def _send_error(
         self, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
@@ -226,6 +308,30 @@ class Service:
         signal.signal(signal.SIGINT, self.request_stop)
         s = self.settings
 
+        began = time.monotonic()
+        state = StateStore(
+            state_directory(s.service.state_dir),
+            outcomes_max=s.service.outcomes_max,
+            outcomes_ttl=s.service.outcomes_ttl,
+        )
+        self._journal = RequestJournal(state)
+        state.start_checkpoints()
+        conversations = ConversationStore(
+            s.conversations.max_conversations, s.conversations.idle_ttl, persist=state
+        )
+        for saved in state.load_conversations(
+            s.conversations.max_conversations, s.conversations.idle_ttl
+        ):
+            conversations.restore(
+                (saved.client_id, saved.conversation_id), saved.system, saved.turns, saved.idle
+            )
+        log.info(
+            "state_loaded",
+            path=None if state.path is None else str(state.path),
+            conversations=len(conversations),
+            seconds=round(time.monotonic() - began, 3),
+        )
+
         # Connect first, so devices see "starting" while a slow device loads the model.
         self._link = MqttLink(
             s.mqtt,
@@ -256,6 +362,7 @@ class Service:
             log.error("model_unusable", error=str(exc))
             systemd_notify.notify(f"STATUS=model unusable: {exc}")
             self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
+            state.close()
             return EXIT_MODEL
         log.info(
             "model_loaded",
@@ -267,10 +374,9 @@ class Service:
             threads=engine.threads,
         )
 
-        store = ConversationStore(s.conversations.max_conversations, s.conversations.idle_ttl)
         scheduler = Scheduler(
             engine,
-            store=store,
+            store=conversations,
             generation=s.generation,
             queue_size=s.model.queue_size,
             kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
@@ -281,9 +387,13 @@ class Service:
         inference.start()
         with self._intake_lock:  # from here on the network thread hands requests straight over
             self._scheduler = scheduler
-            early, self._early = self._early, []
-        for msg in early:
-            self._on_message(msg)
+            self._serve_kept_requests()
+            for msg in self._early:
+                inbound = self.topics.parse(msg.topic)
+                if inbound is not None:
+                    self._on_inbound(inbound, msg, self.topics)
+            self._early = []
+            self._intake_open = True
         self._on_connected()  # "online" now if connected, else on connect
         if self.fleet is not None:
             # Joins the pool only now, loaded: a loading node would sit on its share of pooled
@@ -315,6 +425,7 @@ class Service:
         stats.start()
         self._stop.wait()
         self._shutdown(scheduler, inference, engine)
+        state.close()
         watchdog.join()
         stats.join()
         return EXIT_OK

@@ -222,6 +222,21 @@ class ServiceSettings(_Section):
         "auto", description="auto: console on a terminal, journald under systemd, else JSON."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    state_dir: Path | None = Field(
+        None,
+        description=(
+            "Where history.db (conversations, accepted and finished requests) is kept "
+            "(default: $STATE_DIRECTORY from systemd, else /var/lib/qwen-edge)."
+        ),
+    )
+    outcomes_max: int = Field(
+        1000,
+        ge=0,
+        description="Finished requests remembered, so a duplicate gets the same reply again.",
+    )
+    outcomes_ttl: float = Field(
+        3600.0, ge=0, description="How long a finished request is remembered (seconds)."
+    )
 
 
 class FleetSettings(_Section):

@@ -161,7 +161,11 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("QWEN_EDGE_") and k != "STATE_DIRECTORY"
+        }
         env.update(
             QWEN_EDGE_MQTT__HOST="127.0.0.1",
             QWEN_EDGE_MQTT__PORT=str(self.broker.port),
@@ -173,6 +177,8 @@ class Daemon:
             # Tests send many requests from one client id; tests of the limits set their own.
             QWEN_EDGE_LIMITS__REQUESTS_PER_MINUTE="0",
             QWEN_EDGE_LIMITS__MAX_CONVERSATIONS_PER_CLIENT="0",
+            # Never the real /var/lib/qwen-edge; a test that restarts a node passes its own.
+            QWEN_EDGE_SERVICE__STATE_DIR=str(self.workdir / "state"),
         )
         if self.model is not None:
             env["QWEN_EDGE_MODEL__PATH"] = str(self.model)

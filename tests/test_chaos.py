@@ -75,16 +75,6 @@ def test_every_request_ends_with_complete_done_or_explicit_error(
 @pytest.mark.slow
 def test_no_duplicate_reaches_a_deduplicating_client(chaos_report: dict[str, Any]) -> None:
     r = chaos_report
-    twice = r["daemon"]["generated_twice"]
-    if twice:
-        # Every duplicate a client saw belongs to a reply the daemon generated twice: a request
-        # the broker redelivered after a SIGKILL (its last save predates the daemon's ack) or
-        # the client resent, after its first reply had ended. In flight, the daemon ignores
-        # duplicates; after the end it needs idempotent requests (branch `durable`). Timing
-        # decides whether a run hits it (1 run in 6 here); the two strict xfails below hit it
-        # every time. Anything else that duplicates fails here.
-        assert set(r["duplicate_ids"]) <= set(twice), r
-        pytest.xfail(f"needs idempotent requests (branch `durable`): generated twice: {twice}")
     assert r["duplicates_after_dedup"] == 0, r["duplicate_ids"]
     assert r["daemon"]["duplicate_generations"] == 0
 
@@ -94,11 +84,7 @@ def test_report_is_a_table_json_and_exit_status(chaos_report: dict[str, Any]) ->
     r = chaos_report
     assert r["passed"] is (r["failures"] == [])
     assert r["_returncode"] == (0 if r["passed"] else 1), r["_stderr"][-3000:]
-    # Only what needs `durable` may fail this run (see above).
-    assert set(r["failures"]) <= {
-        f"duplicates_after_dedup = {r['duplicates_after_dedup']}",
-        f"duplicate_generations = {r['daemon']['duplicate_generations']}",
-    }
+    assert r["failures"] == []
     for row in ("requests sent", "completed", "errored", "lost", "duplicates after dedup"):
         assert row in r["_stdout"]
 
@@ -124,11 +110,6 @@ def test_soak_reports_rss_after_warm_up(tmp_path: Path) -> None:
     assert r["_returncode"] == 0, r["_stderr"][-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs idempotent requests (branch `durable`): today a request resent after its done "
-    "is generated again",
-)
 def test_resend_of_a_finished_request_is_not_generated_again(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -157,11 +138,6 @@ def test_resend_of_a_finished_request_is_not_generated_again(
     assert len(done) == 1, f"{PREFIX}/{NODE}: generated {len(done)} times"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs idempotent requests (branch `durable`): a request the broker delivers again "
-    "after a crash, once its reply has ended, is generated again",
-)
 def test_request_redelivered_after_a_broker_crash_is_not_generated_again(tmp_path: Path) -> None:
     """What the chaos run hits by chance, made certain: mosquitto saves its state now and then
     (here only on a clean stop); killed, it restarts from the last save, in which a request the

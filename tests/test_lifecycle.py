@@ -193,11 +193,11 @@ def test_waits_for_the_broker_before_ready(tmp_path: Path) -> None:
         broker.stop()
 
 
-def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _serve(env: dict[str, str], state_dir: Path) -> subprocess.CompletedProcess[str]:
     import os
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
-    full.update(env)
+    full.update(env, QWEN_EDGE_SERVICE__STATE_DIR=str(state_dir))
     return subprocess.run(
         [sys.executable, "-m", "qwen_edge", "serve"],
         env=full,
@@ -220,7 +220,8 @@ def test_unusable_model_file_exits_3_with_one_clear_line(
             "QWEN_EDGE_MODEL__PATH": str(model),
             "QWEN_EDGE_MQTT__PORT": "1",
             "QWEN_EDGE_SERVICE__LOG_FORMAT": "json",
-        }
+        },
+        tmp_path / "state",
     )
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
@@ -244,7 +245,8 @@ def test_truncated_gguf_is_refused_before_loading(tmp_path: Path, keep: int) -> 
             "QWEN_EDGE_MODEL__PATH": str(model),
             "QWEN_EDGE_MQTT__PORT": "1",
             "QWEN_EDGE_SERVICE__LOG_FORMAT": "json",
-        }
+        },
+        tmp_path / "state",
     )
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
@@ -260,14 +262,14 @@ def test_model_sha256_setting_is_checked_before_loading(tmp_path: Path) -> None:
         "QWEN_EDGE_SERVICE__LOG_FORMAT": "json",
         "QWEN_EDGE_MODEL__SHA256": "0" * 64,
     }
-    result = _serve(env)
+    result = _serve(env, tmp_path / "state")
     assert result.returncode == 3
     (error,) = _model_errors(result)
     assert error.startswith(f"model file {SMOLLM}: SHA-256 is ")
     assert error.endswith(f"expected {'0' * 64} (corrupt, or a different file)")
 
     env["QWEN_EDGE_MODEL__SHA256"] = "not-a-hash"
-    bad_setting = _serve(env)
+    bad_setting = _serve(env, tmp_path / "state")
     assert bad_setting.returncode == 2
     assert "QWEN_EDGE_MODEL__SHA256" in bad_setting.stderr
 

@@ -68,6 +68,8 @@ ENV_CASES: list[EnvCase] = [
     ("QWEN_EDGE_TOPIC_PREFIX", "home/llm", lambda s: s.topic_prefix, "home/llm"),
     ("QWEN_EDGE_MODEL__N_CTX", "2048", lambda s: s.model.n_ctx, 2048),
     ("QWEN_EDGE_SERVICE__LOG_LEVEL", "debug", lambda s: s.service.log_level, "debug"),
+    ("QWEN_EDGE_SERVICE__STATE_DIR", "/srv/qe", lambda s: s.service.state_dir, Path("/srv/qe")),
+    ("QWEN_EDGE_SERVICE__OUTCOMES_MAX", "5", lambda s: s.service.outcomes_max, 5),
 ]
 
 
