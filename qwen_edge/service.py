@@ -198,6 +198,13 @@ class Service:
                 journal.discard(inbox_id)
                 return
             topic, correlation = msg.response_topic, msg.correlation
+        release = partial(self._limits.release, client_id, parsed.request_id)
+        limited = self._limits.admit(client_id, parsed.request_id, parsed.conversation_id)
+        if limited is not None:  # before any write; the limiter logs it, not per request
+            refusal_stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
+            refusal_stream.error(limited.code, limited.message, limited.retry_after)
+            journal.discard(inbox_id)
+            return
         if inbox_id is None and not pooled:
             # Kept before paho acknowledges the request (when this returns): from then on the
             # broker forgets it, and the inbox serves it after a crash. Pooled requests are
@@ -205,13 +212,6 @@ class Service:
             inbox_id = journal.store.accept(
                 msg.topic, msg.payload, msg.response_topic, msg.correlation
             )
-        release = partial(self._limits.release, client_id, parsed.request_id)
-        limited = self._limits.admit(client_id, parsed.request_id, parsed.conversation_id)
-        if limited is not None:  # rate or conversations; logged by the limiter, not per request
-            refusal_stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
-            refusal_stream.error(limited.code, limited.message, limited.retry_after)
-            journal.discard(inbox_id)
-            return
         entry = journal.entry(client_id, parsed.request_id, topic, correlation, inbox_id)
         stream = ReplyStream(
             self._link.publish, topic, parsed.request_id, correlation, journal=entry, on_end=release
