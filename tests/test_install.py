@@ -469,7 +469,7 @@ def test_device_install_runs_broker_daemon_and_doctor_in_namespaces(tmp_path: Pa
     assert after["ok"] and {c["level"] for c in after["checks"]} == {"OK"}, after
     assert (tmp_path / "chat.txt").read_text().strip(), logs["daemon.log"]
 
-    # What the installer left on the "host" after --uninstall: configuration and models only
+    # What the installer left on the "host" after --uninstall: configuration, models and state only
     # (plus the broker's own files from running it, and the stock config this test put there).
     left = files(tmp_path / "etc" / "upper") | {
         f"var/{p}" for p in files(tmp_path / "var" / "upper")
@@ -478,6 +478,7 @@ def test_device_install_runs_broker_daemon_and_doctor_in_namespaces(tmp_path: Pa
         "qwen-edge/config.toml",
         "mosquitto/mosquitto.conf",
         f"var/lib/qwen-edge/models/{SMOLLM.name}",
+        "var/lib/qwen-edge/history.db",  # the node's state: kept, like the models, until --purge
         "var/lib/mosquitto/mosquitto.db",
         "var/log/mosquitto/mosquitto.log",
     }, left
