@@ -38,6 +38,7 @@ from .settings import (
     Settings,
     load_settings,
 )
+from .tls import apply_credentials, client_context
 
 EXIT_FAILED = 1
 MIB = 1024 * 1024
@@ -152,8 +153,6 @@ def check_config(
 def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
     """The TLS context the daemon uses for this broker (None for plain MQTT), so that the broker
     check sees what the daemon sees. ConfigError when a certificate or key file is unusable."""
-    from .tls import client_context
-
     return client_context(mqtt)
 
 
@@ -225,11 +224,7 @@ class BrokerSession:
             client_id=f"qwen-edge-doctor-{uuid.uuid4().hex[:8]}",
             protocol=paho.MQTTv5 if mqtt.protocol == "5" else paho.MQTTv311,
         )
-        if mqtt.username is not None:
-            password = mqtt.password.get_secret_value() if mqtt.password else None
-            self.client.username_pw_set(mqtt.username, password)
-        if tls is not None:
-            self.client.tls_set_context(tls)
+        apply_credentials(self.client, mqtt, tls)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = lambda *_: self._subscribed.set()

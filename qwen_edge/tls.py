@@ -69,9 +69,13 @@ def _check_readable(setting: str, path: Path | None) -> None:
         ) from None
 
 
-def apply_credentials(client: paho.Client, mqtt: MqttSettings) -> None:
-    """TLS (when configured) and user name/password on a paho client, before it connects."""
-    context = client_context(mqtt)
+def apply_credentials(
+    client: paho.Client, mqtt: MqttSettings, context: ssl.SSLContext | None = None
+) -> None:
+    """TLS (when configured) and user name/password on a paho client, before it connects.
+    `context`: one already built by client_context(mqtt), so it is not built twice."""
+    if context is None:
+        context = client_context(mqtt)
     if context is not None:
         client.tls_set_context(context)
     if mqtt.username is not None:
