@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from .conftest import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
 KIOSK = ROOT / "deploy" / "kiosk"
 DIST = KIOSK / "dist"
 E2E = Path(__file__).resolve().parent / "kiosk" / "kiosk_e2e.mjs"
+GUARDS = Path(__file__).resolve().parent / "kiosk" / "kiosk_guards.mjs"
 ARTIFACTS = ROOT / "test-artifacts" / "kiosk"
 CHROMIUM = os.environ.get("QWEN_EDGE_TEST_CHROMIUM", "/usr/bin/chromium")
 FAKE_NODE = "scripted"
@@ -180,8 +182,8 @@ class KioskBroker(Broker):
     """The test broker with a WebSockets listener next to its plain one (mosquitto 2.0.11 wants
     both), as deploy/mosquitto/dev.conf has, which also serves the page (`http_dir`)."""
 
-    def __init__(self, workdir: Path, http_dir: Path) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, http_dir: Path, base_conf: Path | None = None) -> None:
+        super().__init__(workdir, *([base_conf] if base_conf is not None else []))
         self.ws_port = free_port()
         self.conf.write_text(
             self.conf.read_text()
@@ -312,3 +314,147 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
         "reconnected-800x480.png": (800, 480),
     }.items():
         assert shots.get(name) == size, (name, shots)
+
+
+class _Listener:
+    """A TCP port where nothing may connect: counts the connections it accepts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="kiosk-other", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def _guards(tmp_path: Path, www: Path, page_url: str, scenario: str) -> dict[str, object]:
+    """Run one scenario of tests/kiosk/kiosk_guards.mjs: the committed page in Chromium, served
+    as a kiosk serves it, against a mosquitto with accounts (no anonymous clients) and a
+    WebSockets listener, with the script as the node. Returns the scenario's figures."""
+    node = _node()
+    _node_modules()
+    if not Path(CHROMIUM).exists():
+        _unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
+    if shutil.which("mosquitto_passwd") is None:
+        _unavailable("mosquitto_passwd is missing: apt-get install mosquitto-clients")
+    passwords = tmp_path / "passwd"
+    passwords.touch()
+    accounts = {"kiosk-lobby": "kiosk-secret", "scripted-node": "node-secret"}
+    for user, password in accounts.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, password], check=True)
+    conf = tmp_path / "auth.conf"
+    conf.write_text(
+        (ROOT / "tests" / "broker" / "auth.conf").read_text() + f"password_file {passwords}\n"
+    )
+    broker = KioskBroker(tmp_path / "broker", www, conf)
+    config = {
+        "broker": f"ws://127.0.0.1:{broker.ws_port}",
+        "username": "kiosk-lobby",
+        "password": accounts["kiosk-lobby"],
+        "client_id": "kiosk-lobby",
+        "node": "not-this-node",  # the URL's ?node= wins
+        "system": "Answer briefly.",
+        "title": "Guards test",
+        "lang": "en",
+    }
+    (www / "config.json").write_text(json.dumps(config))
+    other = _Listener()
+    setup = {
+        "scenario": scenario,
+        "page_url": page_url,
+        "mqtt_url": f"mqtt://127.0.0.1:{broker.port}",
+        "mqtt_username": "scripted-node",
+        "mqtt_password": accounts["scripted-node"],
+        "prefix": PREFIX,
+        "node": FAKE_NODE,
+        "config": config,
+        "other_port": other.port,
+        "chromium": CHROMIUM,
+        "artifacts": str(ARTIFACTS / "guards"),
+    }
+    try:
+        broker.start()
+        result = subprocess.run(
+            [node, str(GUARDS)],
+            env={**os.environ, "KIOSK_GUARDS": json.dumps(setup)},
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+    finally:
+        broker.stop()
+        other.close()
+    report = result.stdout[-4000:] + "\n" + result.stderr[-4000:]
+    assert result.returncode == 0, report
+    finished = [json.loads(line[2:]) for line in result.stdout.splitlines() if line.startswith("@@")]
+    assert len(finished) == 1 and finished[0]["scenario"] == scenario, report
+    # Nothing, not even a refused WebSocket handshake, reached the port the URL named.
+    assert other.accepted == 0, f"{other.accepted} connection(s) to the URL's broker"
+    figures: dict[str, object] = finished[0]["figures"]
+    return figures
+
+
+@pytest.mark.timeout(300)
+def test_kiosk_url_sets_only_node_and_lang(
+    tmp_path: Path, page_server: tuple[str, Path]
+) -> None:
+    """Issue 11 item 12: `?broker=ws://...&password=x&client_id=evil&system=...` is ignored; the
+    page connects to config.json's broker with its credentials (the broker refuses anonymous and
+    wrong ones) and client id, sends its system prompt, and nothing connects to the URL's port;
+    `?node=` and `?lang=` still work."""
+    page_url, www = page_server
+    figures = _guards(tmp_path, www, page_url, "url")
+    # Only one WebSocket was opened: to config.json's broker.
+    assert figures["sockets"] == [json.loads((www / "config.json").read_text())["broker"] + "/"]
+
+
+@pytest.mark.timeout(300)
+def test_kiosk_double_tap_on_send_does_not_stop_the_reply(
+    tmp_path: Path, page_server: tuple[str, Path]
+) -> None:
+    """Issue 13 part 4: Stop takes Send's place when a request goes out; a second tap 150 or
+    400 ms after the first (and a double click) lands on it and must not cancel: no cancel on
+    the wire, the reply runs to `stop`. A tap on Stop once it is armed (600 ms) cancels."""
+    page_url, www = page_server
+    figures = _guards(tmp_path, www, page_url, "double_tap")
+    assert isinstance(figures["stop_armed_after_ms"], int)
+
+
+@pytest.mark.timeout(300)
+def test_kiosk_banner_does_not_hide_the_end_of_the_conversation(
+    tmp_path: Path, page_server: tuple[str, Path]
+) -> None:
+    """Issue 13 part 4: with a conversation longer than the 800x480 screen scrolled to its end,
+    the offline banner showing and hiding (and the input growing to four lines) keeps the last
+    message's bottom above the input bar, by Chromium's bounding boxes; a visitor who scrolled
+    back is not moved."""
+    page_url, www = page_server
+    figures = _guards(tmp_path, www, page_url, "banner")
+    assert isinstance(figures["banner_px"], (int, float)) and figures["banner_px"] > 20
+
+
+@pytest.mark.timeout(300)
+def test_kiosk_links_are_text(tmp_path: Path, page_server: tuple[str, Path]) -> None:
+    """Issue 13 part 4: Markdown links, bare and angle-bracket URLs, e-mail addresses and phone
+    numbers in a reply are shown as text in the colour of the text around them, without
+    underline or pointer, there is no <a> in the conversation, the page tells browsers not to
+    detect numbers and addresses (format-detection), and tapping a URL does nothing."""
+    page_url, www = page_server
+    _guards(tmp_path, www, page_url, "links")

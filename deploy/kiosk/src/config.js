@@ -1,4 +1,5 @@
-// Kiosk settings: defaults, then config.json next to the page, then the page's URL query.
+// Kiosk settings: defaults, then config.json next to the page, then `node` and `lang` from the
+// page's URL query.
 // Pure functions (no DOM), so node's test runner checks them.
 
 export const DEFAULTS = Object.freeze({
@@ -30,14 +31,29 @@ function isTopicPrefix(s) {
   return typeof s === 'string' && s.split('/').every(isTopicLevel);
 }
 
-/** The query string's settings: every key of DEFAULTS, numbers parsed; unknown keys ignored. */
+// What the page's URL may set: which node to talk to and the language of the page's own words.
+// Everything else (the broker, its credentials, the client id, the system prompt, ...) comes only
+// from config.json: whoever can make the kiosk open a link must not be able to send config.json's
+// password to another broker, take another client's topics or change what the model is told.
+export const QUERY_KEYS = Object.freeze(['node', 'lang']);
+
+/**
+ * The query string's settings: QUERY_KEYS only, the rest of the query is not read. An empty value
+ * (`?node=`) is not a setting: config.json's value stands.
+ */
 export function fromQuery(search) {
   const params = new URLSearchParams(search);
   const out = {};
-  for (const key of Object.keys(DEFAULTS)) {
-    if (params.has(key)) out[key] = params.get(key);
+  for (const key of QUERY_KEYS) {
+    if (params.get(key)) out[key] = params.get(key);
   }
   return out;
+}
+
+/** The settings the query string names but may not set (for a warning on the console). */
+export function ignoredInQuery(search) {
+  const keys = new Set(new URLSearchParams(search).keys());
+  return Object.keys(DEFAULTS).filter((k) => keys.has(k) && !QUERY_KEYS.includes(k));
 }
 
 function toNumber(value, key, errors) {
@@ -51,7 +67,7 @@ function toNumber(value, key, errors) {
 }
 
 /**
- * Merge the sources (later wins) and check them. Returns {settings, errors}; errors is a list of
+ * Merge the sources (later wins; the query only for QUERY_KEYS) and check them. Returns {settings, errors}; errors is a list of
  * one-line messages naming the setting. `env` supplies what the page knows: {hostname, secure,
  * language, storedClientId, newClientId()}.
  */
@@ -66,7 +82,11 @@ export function resolveSettings(fileConfig, queryConfig, env) {
       else errors.push(`config.json: unknown setting "${key}"`);
     }
   }
-  Object.assign(merged, queryConfig);
+  // Only QUERY_KEYS, whatever the caller passes: the URL must never choose the broker or the
+  // credentials (see QUERY_KEYS).
+  for (const key of QUERY_KEYS) {
+    if (queryConfig && Object.hasOwn(queryConfig, key)) merged[key] = queryConfig[key];
+  }
 
   for (const key of STRING_KEYS) {
     const v = merged[key];

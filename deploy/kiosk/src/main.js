@@ -4,7 +4,7 @@
 import './style.css';
 import mqtt from 'mqtt';
 import { stableEnd } from './blocks.js';
-import { buildRequest, fromQuery, newId, resolveSettings, topicsFor } from './config.js';
+import { buildRequest, fromQuery, ignoredInQuery, newId, resolveSettings, topicsFor } from './config.js';
 import { STRINGS } from './i18n.js';
 import { Reply, parseReplyMessage } from './replies.js';
 import { renderMarkdown } from './render.js';
@@ -12,6 +12,9 @@ import { renderMarkdown } from './render.js';
 const CLIENT_ID_KEY = 'qwen-edge-kiosk.client_id';
 const SESSION_EXPIRY_S = 3600; // the broker keeps the kiosk's subscriptions and queued replies 1 h
 const STOP_GRACE_MS = 10000; // after Stop, wait this long for the node's `done` before giving up
+// Stop takes the place of Send the moment a request goes out: the second tap of a double tap on
+// Send (or a bouncing finger) would land on it. Stop is disabled this long after sending.
+const STOP_GUARD_MS = 600;
 
 const $ = (id) => document.getElementById(id);
 
@@ -61,6 +64,8 @@ class Kiosk {
     this.dirty = new Set();
     this.frame = 0;
     this.client = null;
+    this.pinned = true; // the conversation is scrolled to its end and stays there when it resizes
+    this.stopGuard = 0; // the timer that enables Stop once STOP_GUARD_MS have passed
   }
 
   start() {
@@ -89,6 +94,16 @@ class Kiosk {
     });
     $('input').addEventListener('input', () => this.fitInput());
     $('stop').addEventListener('click', () => this.stop());
+    // The conversation shrinks when the banner shows or the input grows (and the visitor cannot
+    // scroll while reading the end of a reply): if it was at its end, it stays there. A
+    // ResizeObserver runs after layout and before paint, so the end never shows hidden.
+    const log = $('log');
+    log.addEventListener('scroll', () => {
+      this.pinned = this.nearEnd();
+    }, { passive: true });
+    new ResizeObserver(() => {
+      if (this.pinned) this.scrollToEnd();
+    }).observe(log);
     $('new').addEventListener('click', () => this.newConversation());
     setInterval(() => this.tick(), 1000);
     this.connect();
@@ -216,6 +231,7 @@ class Kiosk {
       lastActivity: Date.now(),
       pid: null,
       stopSentAt: null,
+      sentAt: performance.now(),
       rendered: '', // the text rendered so far; null once the final rendering is done
     };
     this.entries.set(requestId, entry);
@@ -226,18 +242,27 @@ class Kiosk {
     this.fitInput();
     this.markDirty(entry);
     this.scrollToEnd();
+    clearTimeout(this.stopGuard);
+    this.stopGuard = setTimeout(() => this.updateChrome(), STOP_GUARD_MS);
+    this.updateChrome();
   }
 
-  stop() {
+  /** Stop is not live yet: the reply was sent less than STOP_GUARD_MS ago. */
+  stopGuarded(entry) {
+    return performance.now() - entry.sentAt < STOP_GUARD_MS;
+  }
+
+  stop({ force = false } = {}) {
     const entry = this.active;
     if (!entry || entry.reply.final || entry.stopSentAt !== null) return;
+    if (!force && this.stopGuarded(entry)) return; // a tap meant for Send
     entry.stopSentAt = Date.now();
     this.client.publish(this.topics.cancel, JSON.stringify({ request_id: entry.reply.requestId }), { qos: 1 });
     this.updateChrome();
   }
 
   newConversation() {
-    if (this.active) this.stop();
+    if (this.active) this.stop({ force: true });
     this.active = null;
     this.entries.clear();
     this.dirty.clear();
@@ -362,7 +387,7 @@ class Kiosk {
     $('send').hidden = inFlight;
     $('send').disabled = !this.canSend();
     $('stop').hidden = !inFlight;
-    $('stop').disabled = inFlight && this.active.stopSentAt !== null;
+    $('stop').disabled = inFlight && (this.active.stopSentAt !== null || this.stopGuarded(this.active));
     $('stop').textContent = inFlight && this.active.stopSentAt !== null ? t.stopping : t.stop;
   }
 }
@@ -404,6 +429,8 @@ async function main() {
     showConfigErrors(errors, settings.lang);
     return;
   }
+  const ignored = ignoredInQuery(location.search);
+  if (ignored.length) console.warn(`kiosk: the URL may set only node and lang; ignored: ${ignored.join(', ')} (set them in config.json)`);
   if (generated !== null) rememberClientId(generated); // the same id, so the same session, next time
   const kiosk = new Kiosk(settings);
   kiosk.start();

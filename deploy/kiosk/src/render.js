@@ -1,6 +1,7 @@
 // Reply text (untrusted model output) -> safe HTML: Markdown by marked, code highlighted by
 // highlight.js, everything passed through DOMPurify with an allow-list. Raw HTML in the reply is
-// shown as text, links and images as their text: a kiosk must not navigate away or fetch anything.
+// shown as text, links and images as their text, which does not look like a link: a kiosk must not
+// navigate away or fetch anything.
 
 import DOMPurify from 'dompurify';
 import { Marked } from 'marked';
@@ -59,8 +60,10 @@ const marked = new Marked({
     html({ text }) {
       return escapeHtml(text);
     },
+    // A link (also a bare URL or e-mail address, which GFM turns into one) is its text, styled
+    // like the text around it: nothing on a kiosk may look tappable that does nothing.
     link({ tokens }) {
-      return `<span class="link">${this.parser.parseInline(tokens)}</span>`;
+      return this.parser.parseInline(tokens);
     },
     image({ text }) {
       return escapeHtml(text);

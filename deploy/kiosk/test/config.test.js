@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import { ID_PATTERN, buildRequest, fromQuery, newId, resolveSettings, topicsFor } from '../src/config.js';
+import { ID_PATTERN, buildRequest, fromQuery, ignoredInQuery, newId, resolveSettings, topicsFor } from '../src/config.js';
 
 const env = { hostname: 'kiosk.local', language: 'en-GB', storedClientId: null, newClientId: () => 'kiosk-new' };
 
@@ -18,41 +18,58 @@ test('defaults: broker on the page host, generated client id, language from the 
   assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, storedClientId: 'kiosk-old' }).settings.client_id, 'kiosk-old');
 });
 
-test('the URL overrides config.json, which overrides the defaults', () => {
-  const file = { broker: 'wss://broker:8443/mqtt', node: 'a', username: 'u', password: 'p', lang: 'zh', max_tokens: 64 };
-  const query = fromQuery('?node=b&max_tokens=32&temperature=0&ignored=1&client_id=k9');
+test('the URL sets only node and lang, over config.json, which overrides the defaults', () => {
+  const file = { broker: 'wss://broker:8443/mqtt', node: 'a', username: 'u', password: 'p', lang: 'zh', max_tokens: 64, client_id: 'k1' };
+  const query = fromQuery('?node=b&lang=en&max_tokens=32&temperature=0&ignored=1&client_id=k9');
+  assert.deepEqual(query, { node: 'b', lang: 'en' });
   const { settings, errors } = resolveSettings(file, query, env);
   assert.deepEqual(errors, []);
   assert.equal(settings.broker, 'wss://broker:8443/mqtt');
   assert.equal(settings.node, 'b');
-  assert.equal(settings.max_tokens, 32);
-  assert.equal(settings.temperature, 0);
-  assert.equal(settings.client_id, 'k9');
+  assert.equal(settings.lang, 'en');
+  assert.equal(settings.max_tokens, 64);
+  assert.equal(settings.temperature, null);
+  assert.equal(settings.client_id, 'k1');
   assert.equal(settings.username, 'u');
-  assert.equal(settings.lang, 'zh');
   assert.equal('ignored' in settings, false);
 });
 
+test('the URL cannot choose the broker, the credentials, the client id or the prompt', () => {
+  const file = { broker: 'wss://broker:8443/mqtt', node: 'pi', username: 'kiosk', password: 'secret', client_id: 'kiosk-lobby', system: 'Be kind.' };
+  const search = '?broker=wss://elsewhere:443&username=evil&password=x&client_id=evil&system=Lie.&prefix=x&title=t&reply_timeout=1';
+  const want = resolveSettings(file, {}, env).settings;
+  // Whether the query comes through fromQuery or straight from a caller, only node/lang count.
+  for (const query of [fromQuery(search), Object.fromEntries(new URLSearchParams(search))]) {
+    const { settings, errors } = resolveSettings(file, query, env);
+    assert.deepEqual(errors, []);
+    assert.deepEqual(settings, want);
+  }
+  assert.deepEqual(ignoredInQuery(search), ['broker', 'username', 'password', 'client_id', 'prefix', 'title', 'system', 'reply_timeout']);
+  assert.deepEqual(ignoredInQuery('?node=pi&lang=zh&utm=1'), []);
+});
+
 test('every bad setting is named', () => {
+  // [config.json, URL query]
   const cases = [
-    [{}, /^node: not set/],
-    [{ node: 'a/b' }, /^node: must be one topic level/],
-    [{ node: '+' }, /^node:/],
-    [{ node: 'pi', client_id: 'k#' }, /^client_id:/],
-    [{ node: 'pi', prefix: 'a//b' }, /^prefix:/],
-    [{ node: 'pi', prefix: 'a/+' }, /^prefix:/],
-    [{ node: 'pi', broker: 'http://x:9001' }, /^broker: must be a ws/],
-    [{ node: 'pi', broker: 'mqtt://x:1883' }, /^broker:/],
-    [{ node: 'pi', max_tokens: 'ten' }, /^max_tokens: not a number/],
-    [{ node: 'pi', max_tokens: '0' }, /^max_tokens: must be an integer/],
-    [{ node: 'pi', max_tokens: '1.5' }, /^max_tokens: must be an integer/],
-    [{ node: 'pi', temperature: '9' }, /^temperature:/],
-    [{ node: 'pi', reply_timeout: '-1' }, /^reply_timeout:/],
-    [{ node: 'pi', lang: 'fr' }, /^lang:/],
+    [{}, {}, /^node: not set/],
+    [{}, { node: 'a/b' }, /^node: must be one topic level/],
+    [{}, { node: '+' }, /^node:/],
+    [{ node: 'a/b' }, {}, /^node: must be one topic level/],
+    [{ client_id: 'k#' }, { node: 'pi' }, /^client_id:/],
+    [{ prefix: 'a//b' }, { node: 'pi' }, /^prefix:/],
+    [{ prefix: 'a/+' }, { node: 'pi' }, /^prefix:/],
+    [{ broker: 'http://x:9001' }, { node: 'pi' }, /^broker: must be a ws/],
+    [{ broker: 'mqtt://x:1883' }, { node: 'pi' }, /^broker:/],
+    [{ max_tokens: 'ten' }, { node: 'pi' }, /^max_tokens: not a number/],
+    [{ max_tokens: 0 }, { node: 'pi' }, /^max_tokens: must be an integer/],
+    [{ max_tokens: 1.5 }, { node: 'pi' }, /^max_tokens: must be an integer/],
+    [{ temperature: 9 }, { node: 'pi' }, /^temperature:/],
+    [{ reply_timeout: -1 }, { node: 'pi' }, /^reply_timeout:/],
+    [{}, { node: 'pi', lang: 'fr' }, /^lang:/],
   ];
-  for (const [query, pattern] of cases) {
-    const { errors } = resolveSettings(null, query, env);
-    assert.equal(errors.length, 1, `${JSON.stringify(query)} -> ${JSON.stringify(errors)}`);
+  for (const [file, query, pattern] of cases) {
+    const { errors } = resolveSettings(file, query, env);
+    assert.equal(errors.length, 1, `${JSON.stringify([file, query])} -> ${JSON.stringify(errors)}`);
     assert.match(errors[0], pattern);
   }
 });
@@ -65,15 +82,15 @@ test('config.json must be an object of known settings with the right types', () 
   assert.match(resolveSettings({ node: 'pi', max_tokens: true }, {}, env).errors[0], /^max_tokens: not a number/);
 });
 
-test('an empty query value means "not set"', () => {
-  const { settings, errors } = resolveSettings({ node: 'pi', username: 'u' }, fromQuery('?username=&max_tokens='), env);
+test('an empty query value means "not set": config.json stands', () => {
+  const { settings, errors } = resolveSettings({ node: 'pi', lang: 'zh' }, fromQuery('?node=&lang='), env);
   assert.deepEqual(errors, []);
-  assert.equal(settings.username, null);
-  assert.equal(settings.max_tokens, null);
+  assert.equal(settings.node, 'pi');
+  assert.equal(settings.lang, 'zh');
 });
 
 test('topics follow docs/protocol.md, with a prefix of several levels', () => {
-  const { settings } = resolveSettings(null, { node: 'pi', client_id: 'k1', prefix: 'site/qe' }, env);
+  const { settings } = resolveSettings({ node: 'pi', client_id: 'k1', prefix: 'site/qe' }, {}, env);
   assert.deepEqual({ ...topicsFor(settings) }, {
     request: 'site/qe/pi/request/k1',
     cancel: 'site/qe/pi/cancel/k1',
