@@ -232,12 +232,9 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
     page_url, www = page_server
     broker = KioskBroker(tmp_path / "broker", www)
     daemon = Daemon(tmp_path / "daemon", broker, SMOLLM, QWEN_EDGE_MODEL__THREADS="1")
-    # Settings from config.json (broker, title); the page's URL adds the rest (node, ...).
-    (www / "config.json").write_text(
-        json.dumps(
-            {"broker": f"ws://127.0.0.1:{broker.ws_port}", "node": NODE, "title": "Kiosk test"}
-        )
-    )
+    # Settings from config.json (broker, title, node, and what a step adds: the script writes the
+    # file before each page loads it); the page's URL may set node and lang.
+    config = {"broker": f"ws://127.0.0.1:{broker.ws_port}", "node": NODE, "title": "Kiosk test"}
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     setup = {
         "page_url": page_url,
@@ -249,6 +246,8 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
         "chromium": CHROMIUM,
         "artifacts": str(ARTIFACTS),
         "timeout_ms": 180_000,
+        "www": str(www),
+        "config": config,
     }
     output: list[str] = []
     stderr: list[str] = []
