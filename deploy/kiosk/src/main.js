@@ -65,7 +65,6 @@ class Kiosk {
     this.frame = 0;
     this.client = null;
     this.pinned = true; // the conversation is scrolled to its end and stays there when it resizes
-    this.stopGuard = 0; // the timer that enables Stop once STOP_GUARD_MS have passed
   }
 
   start() {
@@ -231,7 +230,7 @@ class Kiosk {
       lastActivity: Date.now(),
       pid: null,
       stopSentAt: null,
-      sentAt: performance.now(),
+      armed: false, // Stop works for this reply (STOP_GUARD_MS after sending)
       rendered: '', // the text rendered so far; null once the final rendering is done
     };
     this.entries.set(requestId, entry);
@@ -242,20 +241,17 @@ class Kiosk {
     this.fitInput();
     this.markDirty(entry);
     this.scrollToEnd();
-    clearTimeout(this.stopGuard);
-    this.stopGuard = setTimeout(() => this.updateChrome(), STOP_GUARD_MS);
-    this.updateChrome();
-  }
-
-  /** Stop is not live yet: the reply was sent less than STOP_GUARD_MS ago. */
-  stopGuarded(entry) {
-    return performance.now() - entry.sentAt < STOP_GUARD_MS;
+    setTimeout(() => {
+      entry.armed = true;
+      this.updateChrome();
+    }, STOP_GUARD_MS);
+    this.updateChrome(); // Stop replaces Send now, disabled, not a frame later
   }
 
   stop({ force = false } = {}) {
     const entry = this.active;
     if (!entry || entry.reply.final || entry.stopSentAt !== null) return;
-    if (!force && this.stopGuarded(entry)) return; // a tap meant for Send
+    if (!force && !entry.armed) return; // a tap meant for Send
     entry.stopSentAt = Date.now();
     this.client.publish(this.topics.cancel, JSON.stringify({ request_id: entry.reply.requestId }), { qos: 1 });
     this.updateChrome();
@@ -387,7 +383,7 @@ class Kiosk {
     $('send').hidden = inFlight;
     $('send').disabled = !this.canSend();
     $('stop').hidden = !inFlight;
-    $('stop').disabled = inFlight && (this.active.stopSentAt !== null || this.stopGuarded(this.active));
+    $('stop').disabled = inFlight && (this.active.stopSentAt !== null || !this.active.armed);
     $('stop').textContent = inFlight && this.active.stopSentAt !== null ? t.stopping : t.stop;
   }
 }
