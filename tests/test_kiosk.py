@@ -401,19 +401,19 @@ def _guards(tmp_path: Path, www: Path, page_url: str, scenario: str) -> dict[str
         broker.stop()
         other.close()
     report = result.stdout[-4000:] + "\n" + result.stderr[-4000:]
+    # Nothing, not even a WebSocket handshake, reached the port the URL named as the broker.
+    assert other.accepted == 0, f"{other.accepted} connection(s) to the URL's broker\n{report}"
     assert result.returncode == 0, report
-    finished = [json.loads(line[2:]) for line in result.stdout.splitlines() if line.startswith("@@")]
+    finished = [
+        json.loads(line[2:]) for line in result.stdout.splitlines() if line.startswith("@@")
+    ]
     assert len(finished) == 1 and finished[0]["scenario"] == scenario, report
-    # Nothing, not even a refused WebSocket handshake, reached the port the URL named.
-    assert other.accepted == 0, f"{other.accepted} connection(s) to the URL's broker"
     figures: dict[str, object] = finished[0]["figures"]
     return figures
 
 
 @pytest.mark.timeout(300)
-def test_kiosk_url_sets_only_node_and_lang(
-    tmp_path: Path, page_server: tuple[str, Path]
-) -> None:
+def test_kiosk_url_sets_only_node_and_lang(tmp_path: Path, page_server: tuple[str, Path]) -> None:
     """Issue 11 item 12: `?broker=ws://...&password=x&client_id=evil&system=...` is ignored; the
     page connects to config.json's broker with its credentials (the broker refuses anonymous and
     wrong ones) and client id, sends its system prompt, and nothing connects to the URL's port;
