@@ -308,9 +308,11 @@ const SCENARIOS = {
         const body = document.querySelector(`.msg.assistant[data-request-id="${id}"] .body`);
         const base = getComputedStyle(body);
         const odd = [];
+        let checked = 0;
         const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
         for (let n = walker.nextNode(); n; n = walker.nextNode()) {
           if (!n.textContent.trim()) continue;
+          checked += 1;
           const s = getComputedStyle(n.parentElement);
           if (s.color !== base.color || s.textDecorationLine !== 'none' || s.cursor === 'pointer') {
             odd.push({ text: n.textContent, tag: n.parentElement.tagName, color: s.color, decoration: s.textDecorationLine, cursor: s.cursor });
@@ -321,6 +323,7 @@ const SCENARIOS = {
           text: body.textContent,
           anchors: document.querySelectorAll('#log a, #log [href]').length,
           odd,
+          checked,
           format: meta ? meta.content : null,
         };
       }, rid);
@@ -354,7 +357,8 @@ const SCENARIOS = {
       check(page.url() === before && page.context().pages().length === 1, `tapping a URL navigated: ${page.url()}`);
       await shot(page, `links-${viewport.width}x${viewport.height}`);
       check(page.errors.length === 0, `page errors: ${page.errors}`);
-      figures[`${viewport.width}x${viewport.height}`] = { text_nodes_checked: true };
+      check(dom.checked >= 5, `text nodes checked: ${dom.checked}`);
+      figures[`${viewport.width}x${viewport.height}`] = { text_nodes: dom.checked };
       await page.context().close();
     }
     return figures;
