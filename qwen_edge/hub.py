@@ -205,7 +205,8 @@ def _open_models_dir(models_dir: Path) -> int:
         models_dir.mkdir(parents=True, exist_ok=True)
         return os.open(models_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # With O_DIRECTORY, Linux says ENOTDIR for a link (ELOOP without it).
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and models_dir.is_symlink():
             raise PullError(
                 f"models directory {models_dir} is a symbolic link: set model.dir to the "
                 "directory itself"
@@ -242,15 +243,14 @@ def _open_entry(dir_fd: int, path: Path, flags: int, *, single_name: bool = Fals
         if stat.S_ISREG(mode):
             raise
         raise _refused(path, file_kind(mode)) from None
-    f = os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        f.close()
+        os.close(fd)
         raise _refused(path, file_kind(st.st_mode))
     if single_name and st.st_nlink != 1:
-        f.close()
+        os.close(fd)
         raise _refused(path, f"a file with {st.st_nlink} names (hard links)")
-    return f
+    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb")
 
 
 def _refused(path: Path, kind: str) -> PullError:
