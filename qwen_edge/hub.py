@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import re
 import stat
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
@@ -114,7 +115,7 @@ def _pull_into(
 ) -> Pulled:
     target = models_dir / model.file
     try:
-        present = _open_entry(dir_fd, target, os.O_RDONLY)
+        present = os.fdopen(_open_entry(dir_fd, target, os.O_RDONLY), "rb")
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -171,7 +172,8 @@ def _pull_into(
     partial = partial_path(target)
     try:
         # Not O_EXCL: an existing partial file is what the pull resumes from.
-        out = _open_entry(dir_fd, partial, os.O_RDWR | os.O_CREAT, single_name=True)
+        fd = _open_entry(dir_fd, partial, os.O_RDWR | os.O_CREAT, single_name=True)
+        out = os.fdopen(fd, "r+b")
     except OSError as exc:
         raise PullError(f"{partial}: {exc.strerror or exc}") from None
     with out:
@@ -180,9 +182,9 @@ def _pull_into(
                 model,
                 location,
                 out,
-                partial,
-                target,
-                dir_fd,
+                partial=partial,
+                target=target,
+                dir_fd=dir_fd,
                 headers=headers,
                 size=size,
                 expected_sha=expected_sha,
@@ -214,8 +216,8 @@ def _open_models_dir(models_dir: Path) -> int:
         raise PullError(f"models directory {models_dir}: {exc.strerror or exc}") from None
 
 
-def _open_entry(dir_fd: int, path: Path, flags: int, *, single_name: bool = False) -> BinaryIO:
-    """Open `path`'s name in the directory `dir_fd`, only if it is (or becomes) a regular file.
+def _open_entry(dir_fd: int, path: Path, flags: int, *, single_name: bool = False) -> int:
+    """A descriptor of `path`'s name in `dir_fd`, if it is (or becomes) a regular file.
 
     O_NOFOLLOW: a symbolic link is not followed but refused. O_NONBLOCK: a FIFO opens at once and
     is refused, instead of blocking until someone writes to it (on a regular file it changes
@@ -242,32 +244,29 @@ def _open_entry(dir_fd: int, path: Path, flags: int, *, single_name: bool = Fals
             raise exc from None
         if stat.S_ISREG(mode):
             raise
-        raise _refused(path, file_kind(mode)) from None
+        raise _refused(path, f"is {file_kind(mode)}, not a regular file") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise _refused(path, file_kind(st.st_mode))
+        raise _refused(path, f"is {file_kind(st.st_mode)}, not a regular file")
     if single_name and st.st_nlink != 1:
         os.close(fd)
-        raise _refused(path, f"a file with {st.st_nlink} names (hard links)")
-    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb")
+        raise _refused(path, f"has {st.st_nlink} names (hard links)")
+    return fd
 
 
-def _refused(path: Path, kind: str) -> PullError:
-    return PullError(
-        f"{path} is {kind}, not a regular file: refusing to use it "
-        "(remove it, then run the pull again)"
-    )
+def _refused(path: Path, why: str) -> PullError:
+    return PullError(f"{path} {why}: refusing to use it (remove it, then run the pull again)")
 
 
 def _download(
     model: CatalogModel,
     location: str,
-    out: BinaryIO,
+    out: io.BufferedRandom,
+    *,
     partial: Path,
     target: Path,
     dir_fd: int,
-    *,
     headers: dict[str, str],
     size: int | None,
     expected_sha: str | None,

@@ -8,13 +8,14 @@ second) unless a SHA-256 is asked for, which reads the whole file (seconds for 4
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 GGUF_MAGIC: Final = b"GGUF"
 SUPPORTED_VERSIONS: Final = (2, 3)
@@ -230,7 +231,7 @@ def verify_model_file(
 
 
 def verify_open_model(
-    f: BinaryIO, path: Path, *, size: int | None = None, sha256: str | None = None
+    f: io.BufferedIOBase, path: Path, *, size: int | None = None, sha256: str | None = None
 ) -> ModelFileInfo:
     """verify_model_file on a file already open (`path` only names it in messages).
 
