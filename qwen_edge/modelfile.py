@@ -226,7 +226,12 @@ def verify_model_file(
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ModelError(f"model file {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
+        f = os.fdopen(fd, "rb")
+    except OSError as exc:  # a directory: "Is a directory"
+        os.close(fd)
+        raise ModelError(f"model file {path}: {exc.strerror or exc}") from None
+    with f:
         return verify_open_model(f, path, size=size, sha256=sha256)
 
 

@@ -407,6 +407,14 @@ def test_verify_checks_layout_size_and_sha256(node: Node, tiny: bytes) -> None:
     assert node.run("verify", str(SMOLLM)).returncode == 0
 
 
+def test_verify_refuses_a_fifo_without_waiting_for_a_writer(node: Node, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    result = node.run("verify", str(fifo), timeout=30)
+    assert result.returncode == 3
+    assert f"model file {fifo}: a FIFO, not a regular file" in result.stderr
+
+
 def test_verify_without_argument_checks_the_configured_model(node: Node, tmp_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(SMOLLM.read_bytes()[: 50 << 20])
