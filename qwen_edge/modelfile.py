@@ -8,8 +8,10 @@ second) unless a SHA-256 is asked for, which reads the whole file (seconds for 4
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,20 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def file_kind(mode: int) -> str:
+    """What `st_mode` says a directory entry is, for messages: "a regular file", "a FIFO", ..."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
 def verify_model_file(
     path: Path, *, size: int | None = None, sha256: str | None = None
 ) -> ModelFileInfo:
@@ -205,30 +221,57 @@ def verify_model_file(
     Raises ModelError with one line that names the file and the fault.
     """
     try:
-        with path.open("rb") as f:
-            actual = os.fstat(f.fileno()).st_size
-            if size is not None and actual != size:
-                hint = " (an interrupted download?)" if actual < size else ""
-                raise ModelError(f"model file {path}: {actual} bytes, expected {size}{hint}")
-            if f.read(4) != GGUF_MAGIC:
-                raise ModelError(f"model file {path}: not a GGUF file (bad header)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                try:
-                    version, tensors, kv, arch = _check_layout(buf, actual)
-                except _Damaged as exc:
-                    raise ModelError(
-                        f"model file {path}: damaged or truncated GGUF ({actual} bytes; {exc})"
-                    ) from None
-                except ModelError as exc:
-                    raise ModelError(f"model file {path}: {exc}") from None
+        # O_NONBLOCK: a FIFO at the path opens at once and is refused below, instead of waiting
+        # for a writer forever; on a regular file it changes nothing.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ModelError(f"model file {path}: {exc.strerror or exc}") from None
-    digest = None
-    if sha256 is not None:
-        digest = file_sha256(path)
-        if digest != sha256.lower():
-            raise ModelError(
-                f"model file {path}: SHA-256 is {digest}, expected {sha256.lower()} "
-                "(corrupt, or a different file)"
-            )
+    try:
+        f = os.fdopen(fd, "rb")
+    except OSError as exc:  # a directory: "Is a directory"
+        os.close(fd)
+        raise ModelError(f"model file {path}: {exc.strerror or exc}") from None
+    with f:
+        return verify_open_model(f, path, size=size, sha256=sha256)
+
+
+def verify_open_model(
+    f: io.BufferedIOBase, path: Path, *, size: int | None = None, sha256: str | None = None
+) -> ModelFileInfo:
+    """verify_model_file on a file already open (`path` only names it in messages).
+
+    What is checked is what was opened, whatever the name has come to point at meanwhile: `model
+    pull` verifies the very file it downloaded into before it renames it into place.
+    """
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"model file {path}: {file_kind(st.st_mode)}, not a regular file")
+        actual = st.st_size
+        if size is not None and actual != size:
+            hint = " (an interrupted download?)" if actual < size else ""
+            raise ModelError(f"model file {path}: {actual} bytes, expected {size}{hint}")
+        f.seek(0)
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(f"model file {path}: not a GGUF file (bad header)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                version, tensors, kv, arch = _check_layout(buf, actual)
+            except _Damaged as exc:
+                raise ModelError(
+                    f"model file {path}: damaged or truncated GGUF ({actual} bytes; {exc})"
+                ) from None
+            except ModelError as exc:
+                raise ModelError(f"model file {path}: {exc}") from None
+        digest = None
+        if sha256 is not None:
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != sha256.lower():
+                raise ModelError(
+                    f"model file {path}: SHA-256 is {digest}, expected {sha256.lower()} "
+                    "(corrupt, or a different file)"
+                )
+    except OSError as exc:
+        raise ModelError(f"model file {path}: {exc.strerror or exc}") from None
     return ModelFileInfo(path, actual, version, tensors, kv, arch, digest)

@@ -5,7 +5,7 @@ a redirect to its storage (another origin) and the file's metadata in headers: X
 X-Linked-Etag (an LFS file's SHA-256) and X-Linked-Size; unknown repositories and files get 404
 with X-Error-Code. The storage serves `GET /blobs/{sha256}`, with `Range: bytes=N-` (206). Faults
 on demand: advertise a different SHA-256, serve corrupted bytes, cut the connection after N bytes,
-answer 503. Every request is recorded.
+answer 503, run a test's code while a download is under way. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -44,6 +45,7 @@ class Faults:
     cut_after: int | None = None  # storage: close the connection once this offset is reached
     fail_gets: int = 0  # storage: answer this many GETs (after a cut) with 503
     cut_once: bool = True
+    before_body: Callable[[], None] | None = None  # storage: run once, just before a GET's body
 
 
 @dataclass
@@ -189,6 +191,9 @@ def _handler(hub: FakeHub, role: str) -> Any:
                 cut = hub.faults.cut_after
                 if cut is not None and hub.faults.cut_once:
                     hub.faults.cut_after = None
+                hook, hub.faults.before_body = hub.faults.before_body, None
+            if hook is not None:
+                hook()
             end = len(data) if cut is None or cut <= start else cut
             for pos in range(start, end, 1 << 16):
                 self.wfile.write(data[pos : min(end, pos + (1 << 16))])

@@ -60,7 +60,9 @@ class Node:
             lines.append(f'sha256 = "{sha256}"')
         self.catalog.write_text("\n".join(lines) + "\n")
 
-    def run(self, *args: str, config: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, config: bool = False, timeout: float = 120, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         full = {
             k: v
             for k, v in os.environ.items()
@@ -83,7 +85,7 @@ class Node:
             env=full,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
 
@@ -231,6 +233,135 @@ def test_missing_file_or_repository_on_the_hub_is_one_clear_line(node: Node) -> 
     assert "unknown model 'no-such-model'; known: qwen2.5-0.5b-instruct-q4_k_m" in unknown.stderr
 
 
+# -- pull into a directory the service account can write ------------------------------------------
+# The models directory is the daemon's (StateDirectory=), the pull runs as root: nothing planted
+# there may turn root's writes (or reads) elsewhere.
+
+
+def _refused_once(result: subprocess.CompletedProcess[str], path: Path, kind: str) -> None:
+    _refused_because(result, path, f"is {kind}, not a regular file")
+
+
+def _refused_because(result: subprocess.CompletedProcess[str], path: Path, why: str) -> None:
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"qwen-edge: {path} {why}: refusing to use it (remove it, then run the pull again)"
+    ]
+
+
+def _victim(tmp_path: Path) -> tuple[Path, bytes, int]:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's precious file\n")
+    os.utime(victim, ns=(1_000_000_000, 1_000_000_000))
+    return victim, victim.read_bytes(), victim.stat().st_mtime_ns
+
+
+def test_pull_never_writes_through_a_symlink_planted_as_the_partial_file(
+    node: Node, hub: FakeHub, tmp_path: Path
+) -> None:
+    victim, content, mtime = _victim(tmp_path)
+    node.dir.mkdir()
+    partial = node.dir / f"{FILE}.partial"
+    partial.symlink_to(victim)
+    result = node.run("pull", NAME, "--quiet", timeout=30)
+    assert victim.read_bytes() == content and victim.stat().st_mtime_ns == mtime
+    _refused_once(result, partial, "a symbolic link")
+    assert partial.is_symlink()  # left for the admin to look at
+    assert not (node.dir / FILE).exists()
+    assert hub.seen("storage") == []  # refused before a byte was fetched
+
+
+def test_pull_never_writes_through_a_hard_link_planted_as_the_partial_file(
+    node: Node, tmp_path: Path
+) -> None:
+    victim, content, mtime = _victim(tmp_path)
+    node.dir.mkdir()
+    partial = node.dir / f"{FILE}.partial"
+    os.link(victim, partial)
+    result = node.run("pull", NAME, "--quiet", timeout=30)
+    assert victim.read_bytes() == content and victim.stat().st_mtime_ns == mtime
+    _refused_because(result, partial, "has 2 names (hard links)")
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a directory"])
+def test_a_fifo_or_directory_as_the_partial_file_is_refused_without_hanging(
+    node: Node, kind: str
+) -> None:
+    node.dir.mkdir()
+    partial = node.dir / f"{FILE}.partial"
+    if kind == "a FIFO":
+        os.mkfifo(partial)
+    else:
+        partial.mkdir()
+    result = node.run("pull", NAME, "--quiet", timeout=30)
+    _refused_once(result, partial, kind)
+
+
+def test_a_symlink_at_the_models_name_is_neither_read_nor_written_through(
+    node: Node, tmp_path: Path, tiny: bytes
+) -> None:
+    # A valid model behind the link: followed, the pull would call it present and done.
+    elsewhere = tmp_path / "elsewhere.gguf"
+    elsewhere.write_bytes(tiny)
+    node.dir.mkdir()
+    target = node.dir / FILE
+    target.symlink_to(elsewhere)
+    result = node.run("pull", NAME, "--quiet", timeout=30)
+    _refused_once(result, target, "a symbolic link")
+    assert target.is_symlink() and elsewhere.read_bytes() == tiny
+
+    target.unlink()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target.symlink_to(fifo)  # followed, reading it would wait for a writer forever
+    _refused_once(node.run("pull", NAME, "--quiet", timeout=30), target, "a symbolic link")
+
+    target.unlink()
+    os.mkfifo(target)
+    _refused_once(node.run("pull", NAME, "--quiet", timeout=30), target, "a FIFO")
+
+
+def test_a_models_directory_swapped_for_a_symlink_is_refused(
+    node: Node, hub: FakeHub, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    node.dir.symlink_to(elsewhere)
+    result = node.run("pull", NAME, "--quiet", timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"qwen-edge: models directory {node.dir} is a symbolic link: set model.dir to the "
+        "directory itself"
+    ]
+    assert list(elsewhere.iterdir()) == []
+    assert hub.seen("storage") == []
+
+
+def test_a_partial_file_swapped_during_the_download_is_not_called_the_model(
+    node: Node, hub: FakeHub, tmp_path: Path, tiny: bytes
+) -> None:
+    # While the pull writes, the name .partial is made a link to a valid model elsewhere: the pull
+    # verifies what it wrote, not what the name points at, and notices what its rename moved.
+    elsewhere = tmp_path / "elsewhere.gguf"
+    elsewhere.write_bytes(tiny)
+    partial = node.dir / f"{FILE}.partial"
+
+    def swap() -> None:
+        partial.unlink()
+        partial.symlink_to(elsewhere)
+
+    hub.faults.before_body = swap
+    result = node.run("pull", NAME, "--quiet", timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"qwen-edge: {partial} was replaced while it was being put in place: {node.dir / FILE} "
+        "is not the verified download; remove it and run the pull again"
+    ]
+    assert elsewhere.read_bytes() == tiny
+    # What the rename moved is a link, which the next pull refuses rather than follows.
+    assert (node.dir / FILE).is_symlink()
+
+
 # -- list ----------------------------------------------------------------------------------------
 
 
@@ -274,6 +405,14 @@ def test_verify_checks_layout_size_and_sha256(node: Node, tiny: bytes) -> None:
     assert by_path.returncode == 3
     assert "SHA-256 is" in by_path.stderr and "expected " + "0" * 64 in by_path.stderr
     assert node.run("verify", str(SMOLLM)).returncode == 0
+
+
+def test_verify_refuses_a_fifo_without_waiting_for_a_writer(node: Node, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    result = node.run("verify", str(fifo), timeout=30)
+    assert result.returncode == 3
+    assert f"model file {fifo}: a FIFO, not a regular file" in result.stderr
 
 
 def test_verify_without_argument_checks_the_configured_model(node: Node, tmp_path: Path) -> None:
