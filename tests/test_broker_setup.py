@@ -387,3 +387,9 @@ def test_setup_refuses_a_directory_it_already_made(setup_broker: SetupBroker) ->
     assert again.returncode == 2 and "--add-device" in again.stderr
     bad = broker_setup("--dir", str(setup_broker.workdir / "x"), "--port", "1", "--daemon", "a/b:c")
     assert bad.returncode == 2 and "bad account name" in bad.stderr
+    # A device bound to a node's client id could take over the node's session.
+    node_named = str(setup_broker.workdir / "y")
+    nodelike = broker_setup(
+        "--dir", node_named, "--port", "1", "--daemon", "a:b", "--device", f"qwen-edge-{NODE}:pw"
+    )
+    assert nodelike.returncode == 2 and not Path(node_named).exists(), nodelike.stderr
