@@ -65,7 +65,8 @@ class SecureBroker(Broker):
         args += ["--port", str(self.port), "--wss-port", str(self.ws_port)]
         for user, password in PASSWORDS.items():
             args += ["--daemon" if user == DAEMON_USER else "--device", f"{user}:{password}"]
-        subprocess.run(args, check=True, capture_output=True, timeout=120)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
         snippet = workdir / "conf.d" / "qwen-edge.conf"
         if mutual_tls:
             text = snippet.read_text()
@@ -546,7 +547,7 @@ def test_anonymous_and_plain_tcp_clients_are_refused(
     plain.username_pw_set("devA", PASSWORDS["devA"])
     assert connack(plain, secure_broker.port) is None
     # The right credentials do connect (so the refusals above are not a broken broker).
-    right = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    right = paho.Client(CallbackAPIVersion.VERSION2, client_id="devA", protocol=paho.MQTTv5)
     right.tls_set(ca_certs=str(certs / "ca.crt"))
     right.username_pw_set("devA", PASSWORDS["devA"])
     assert connack(right, secure_broker.port) == 0
