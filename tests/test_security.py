@@ -518,7 +518,9 @@ def test_kiosk_page_reaches_the_broker_over_secure_websockets(
     secure_daemon: Daemon, secure_broker: SecureBroker, certs: Path
 ) -> None:
     got: queue.Queue[bytes] = queue.Queue()
-    client = paho.Client(CallbackAPIVersion.VERSION2, transport="websockets", protocol=paho.MQTTv5)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="devA", transport="websockets", protocol=paho.MQTTv5
+    )
     client.tls_set(ca_certs=str(certs / "ca.crt"))
     client.username_pw_set("devA", PASSWORDS["devA"])
     client.on_connect = lambda c, *a: c.subscribe(f"{PREFIX}/{NODE}/status", qos=1)
