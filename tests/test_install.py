@@ -485,3 +485,70 @@ def test_device_install_runs_broker_daemon_and_doctor_in_namespaces(tmp_path: Pa
     assert files(tmp_path / "opt" / "upper") == set()
     if "apt-ensure: installing" not in logs["install-1.log"]:  # else apt wrote to /usr
         assert files(tmp_path / "usr" / "upper") == set()
+
+
+# The production broker: scripts/install --with-mosquitto prod into the same overlays, beside
+# Debian's stock mosquitto.conf (include_dir conf.d, persistence_location set there), then the
+# broker runs from /etc/mosquitto/mosquitto.conf and serves the accounts broker-setup made.
+PROD_SCRIPT = r"""
+T="$1" CHECKOUT="$2" RUN="$3"
+for d in etc opt var usr; do
+  mkdir -p "$T/$d/upper" "$T/$d/work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$T/$d/upper,workdir=$T/$d/work" "/$d"
+done
+mkdir -p /etc/mosquitto/conf.d
+cp "$T/debian-mosquitto.conf" /etc/mosquitto/mosquitto.conf
+"$CHECKOUT/scripts/install" --with-mosquitto prod --broker-name broker.lan 2> "$T/install-1.log"
+"$CHECKOUT/scripts/install" --with-mosquitto prod --broker-name broker.lan 2> "$T/install-2.log"
+unshare --net bash -euo pipefail -c "$RUN" run "$T" "$CHECKOUT"
+"""
+
+PROD_RUN_SCRIPT = r"""
+T="$1" CHECKOUT="$2"
+mount -t tmpfs tmpfs /run
+ip link set lo up
+mkdir -p /run/mosquitto && chown mosquitto: /run/mosquitto
+mosquitto -c /etc/mosquitto/mosquitto.conf 2> "$T/mosquitto.log" & broker=$!
+trap 'kill $broker 2>/dev/null || true; wait' EXIT
+for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/8883) 2>/dev/null && break; sleep 0.1; done
+kill -0 $broker
+tls=(-h 127.0.0.1 -p 8883 --cafile /etc/qwen-edge/ca.crt -q 1)
+mosquitto_pub "${tls[@]}" -u qwen-edge -P "$(cat /etc/qwen-edge/mqtt-password)" \
+  -i qwen-edge-device -t qwen-edge/device/status -m '{"state":"online"}' -r
+"$CHECKOUT/scripts/broker-setup" --dir /etc/mosquitto/qwen-edge --add-device kiosk1:pw-kiosk1 \
+  2> "$T/add-device.log"
+mosquitto_sub "${tls[@]}" -u kiosk1 -P pw-kiosk1 -i kiosk1 -t qwen-edge/+/status -C 1 -W 10 \
+  > "$T/status.txt"
+# Another client id than its own: refused.
+if mosquitto_pub "${tls[@]}" -u kiosk1 -P pw-kiosk1 -i qwen-edge-device \
+   -t qwen-edge/device/request/kiosk1 -m '{}' 2> "$T/refused.txt"; then
+  echo "taken" > "$T/refused.txt"
+fi
+kill $broker; wait $broker || true
+"""
+
+
+@pytest.mark.slow
+def test_prod_install_runs_the_broker_beside_debians_stock_config(tmp_path: Path) -> None:
+    if not overlay_namespaces_work(tmp_path / "probe"):
+        pytest.skip("needs root, unshare and overlayfs in a private mount namespace")
+    (tmp_path / "debian-mosquitto.conf").write_text(DEBIAN_MOSQUITTO_CONF)
+    args = [str(tmp_path), str(ROOT), PROD_RUN_SCRIPT]
+    result = subprocess.run(
+        ["unshare", "--mount", "bash", "-euo", "pipefail", "-c", PROD_SCRIPT, "device", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=INSTALL_TIMEOUT,
+        check=False,
+    )
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+    assert result.returncode == 0, (result.stdout, result.stderr, logs)
+    assert "Duplicate" not in logs["mosquitto.log"]
+    assert json.loads((tmp_path / "status.txt").read_text()) == {"state": "online"}
+    assert "not authori" in (tmp_path / "refused.txt").read_text().lower()
+    assert "up to date, nothing changed" in logs["install-2.log"]
+    etc = tmp_path / "etc" / "upper"
+    assert stat.S_IMODE((etc / "qwen-edge" / "mqtt-password").stat().st_mode) == 0o600
+    snippet = (etc / "mosquitto" / "conf.d" / "qwen-edge.conf").read_text()
+    assert "max_queued_bytes" in snippet and "persistence_location" not in snippet
