@@ -63,7 +63,9 @@ def run_chat(settings: Settings, args: argparse.Namespace) -> int:
     client_id = args.client_id or settings.mqtt.username or f"chat-{getpass.getuser()}"
     target = args.node or settings.node_id
     pooled = settings.fleet.enabled and target == settings.fleet.group
-    client = EdgeClient.from_settings(settings, client_id=client_id, node=None if pooled else target)
+    client = EdgeClient.from_settings(
+        settings, client_id=client_id, node=None if pooled else target
+    )
     try:
         client.connect()
     except OSError as exc:
@@ -83,8 +85,10 @@ def run_chat(settings: Settings, args: argparse.Namespace) -> int:
         if args.message:
             stream = client.stream(" ".join(args.message), args.conversation, **options)
             return _print_reply(stream, args.timeout, pooled)
-        where = f"the pool {settings.topic_prefix}/{target}" if pooled else (
-            f"{settings.topic_prefix}/{target}"
+        where = (
+            f"the pool {settings.topic_prefix}/{target}"
+            if pooled
+            else (f"{settings.topic_prefix}/{target}")
         )
         print(f"talking to {where} as {client_id}; Ctrl-D quits", file=sys.stderr)
         while True:

@@ -10,6 +10,7 @@ the caller's thread or task. Imports neither llama.cpp nor systemd: a device nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import re
@@ -107,7 +108,7 @@ class ErrorMessage(_Message):
 
 ReplyMessage = StartMessage | ChunkMessage | DoneMessage | ErrorMessage
 _REPLY: Final = TypeAdapter[ReplyMessage](
-    Annotated[ReplyMessage, Field(discriminator="type")]  # type: ignore[arg-type]
+    Annotated[ReplyMessage, Field(discriminator="type")]
 )
 
 
@@ -133,6 +134,7 @@ class _Event(Enum):
 
     RECONNECTED = "reconnected"
     CLOSED = "closed"
+
 
 _Item = _Arrived | _Event
 Sink = Callable[[_Item], None]
@@ -295,18 +297,19 @@ class _Core:
             self._first.put(f"subscription refused: {refused[0]}" if refused else None)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        try:
+        # An exception escaping a paho callback would stop its network thread; a message that
+        # cannot be routed is not ours.
+        with contextlib.suppress(Exception):
             self._route(msg)
-        except Exception:  # an exception escaping a paho callback stops its network thread
-            pass
 
     def _route(self, msg: paho.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
         watched = parse_node_topic(self.prefix, msg.topic)
         if watched is not None:
             if watched.kind is WatchKind.STATUS:
-                self._on_status(watched.name, msg.payload)
+                self._on_status(watched.name, payload)
             return
-        message = parse_reply(msg.payload)
+        message = parse_reply(payload)
         if message is None:
             return
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
@@ -318,7 +321,7 @@ class _Core:
             else:
                 sinks = self._unnamed_error_sinks(msg.topic, message)
         for sink in sinks:
-            sink(_Arrived(bytes(msg.payload), message))
+            sink(_Arrived(payload, message))
 
     def _unnamed_error_sinks(self, topic: str, message: ReplyMessage) -> list[Sink]:
         """Whose request an error without request id answers. The node names none only when it
@@ -374,13 +377,13 @@ class _Exchange:
         on_restart: Callable[[], None] | None,
     ) -> None:
         self._owner = owner
-        self._core = owner._core  # noqa: SLF001 (one package, one object split in two)
+        self._core = owner._core
         self._body = body
         self._sink = sink
         self._on_restart = on_restart
         self.conversation_id: str = body["conversation_id"]
         self.pooled = owner.node is None
-        self.target = owner._target_for(self.conversation_id, bool(body.get("reset")))  # noqa: SLF001
+        self.target = owner._target_for(self.conversation_id, bool(body.get("reset")))
         self.retried_lost = False
         self.restarts = 0
         self.ready: deque[str] = deque()  # chunk texts in order, not yet handed out
@@ -489,7 +492,7 @@ class _Exchange:
         if isinstance(message, StartMessage):
             self.start = message
             if self.pooled:
-                self._owner._pin(self.conversation_id, message.node)  # noqa: SLF001
+                self._owner._pin(self.conversation_id, message.node)
         elif isinstance(message, ChunkMessage):
             self._texts.append(message.text)
             self.ready.append(message.text)
@@ -513,7 +516,7 @@ class _Exchange:
         """Once: the node serving this pooled request went away; ask the pool again, as a new
         request (the lost reply's seqs would otherwise mix with the new one's)."""
         self.retried_lost = True
-        self._owner._unpin(self.conversation_id)  # noqa: SLF001
+        self._owner._unpin(self.conversation_id)
         self._core.unregister(self.request_id)
         if self._handed:
             self._restarted()
@@ -689,10 +692,8 @@ def _body(
         raise TypeError(f"unknown request field(s): {', '.join(sorted(unknown))}")
     body: dict[str, Any] = {"request_id": "", "conversation_id": conversation_id, "message": prompt}
     for key, value in options.items():
-        if key == "stop" and value is not None:
-            value = list(value)
         if value is not None and not (key == "reset" and value is False):
-            body[key] = value
+            body[key] = list(value) if key == "stop" else value
     return body
 
 
@@ -733,7 +734,15 @@ class EdgeClient:
             protocol=protocol,
             keepalive=keepalive,
         )
-        self._setup(mqtt, client_id, node, prefix, group, resend_after, connect_timeout)
+        self._setup(
+            mqtt,
+            client_id=client_id,
+            node=node,
+            prefix=prefix,
+            group=group,
+            resend_after=resend_after,
+            connect_timeout=connect_timeout,
+        )
 
     @classmethod
     def from_settings(
@@ -743,18 +752,19 @@ class EdgeClient:
         client = cls.__new__(cls)
         client._setup(
             settings.mqtt,
-            client_id,
-            node,
-            settings.topic_prefix,
-            settings.fleet.group,
-            resend_after,
-            10.0,
+            client_id=client_id,
+            node=node,
+            prefix=settings.topic_prefix,
+            group=settings.fleet.group,
+            resend_after=resend_after,
+            connect_timeout=10.0,
         )
         return client
 
     def _setup(
         self,
         mqtt: MqttSettings,
+        *,
         client_id: str,
         node: str | None,
         prefix: str,
@@ -848,7 +858,7 @@ class EdgeClient:
         top_k: int | None = None,
         seed: int | None = None,
         reset: bool = False,
-        format: str | dict[str, Any] | None = None,  # noqa: A002 (the protocol's field name)
+        format: str | dict[str, Any] | None = None,
         stop: Sequence[str] | None = None,
         chunk_ms: int | None = None,
         timeout: float | None = 60.0,
@@ -883,9 +893,7 @@ class EdgeClient:
         **fields: Any,
     ) -> Reply:
         """Send `prompt` and wait for the whole reply; same fields as stream()."""
-        with self.stream(
-            prompt, conversation_id, max_tokens, timeout=timeout, **fields
-        ) as stream:
+        with self.stream(prompt, conversation_id, max_tokens, timeout=timeout, **fields) as stream:
             for _ in stream:
                 pass
             assert stream.reply is not None
@@ -937,15 +945,11 @@ class AsyncEdgeClient:
         inbox: asyncio.Queue[_Item] = asyncio.Queue()
 
         def sink(item: _Item) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
 
         options = {"max_tokens": max_tokens, "reset": False, **fields}
-        exchange = self._client._exchange(  # noqa: SLF001
-            prompt, conversation_id, sink, on_restart, options
-        )
+        exchange = self._client._exchange(prompt, conversation_id, sink, on_restart, options)
         return AsyncStream(exchange, inbox, timeout)
 
     async def ask(

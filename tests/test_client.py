@@ -156,7 +156,7 @@ def test_a_reply_missed_is_asked_for_again_with_the_same_id_and_replayed(
         watcher.subscribe(f"{PREFIX}/{NODE}/reply/{c.client_id}/#")
         deaf = threading.Event()
         deaf.set()
-        core = c._core._client  # noqa: SLF001 (the test loses messages on purpose)
+        core = c._core._client
         hear = core.on_message
 
         def lossy(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -304,7 +304,9 @@ def _duo(broker: Broker, root: Path) -> list[Daemon]:
         "QWEN_EDGE_MODEL__N_CTX": "1024",
         "QWEN_EDGE_FLEET__STATS_INTERVAL": "1",
     }
-    nodes = [Daemon(root / n, broker, SMOLLM, QWEN_EDGE_NODE_ID=n, **env) for n in ("node-a", "node-b")]
+    nodes = [
+        Daemon(root / n, broker, SMOLLM, QWEN_EDGE_NODE_ID=n, **env) for n in ("node-a", "node-b")
+    ]
     for d in nodes:
         d.start(wait_ready=False)
     for d in nodes:
@@ -400,9 +402,11 @@ class _NoCore:
 def _exchange(node: str | None = NODE) -> tuple[_Exchange, _NoCore, list[int]]:
     c = EdgeClient(client_id="unit", node=node)
     core = _NoCore()
-    c._core = core  # type: ignore[assignment]  # noqa: SLF001
+    c._core = core  # type: ignore[assignment]
     restarts: list[int] = []
-    ex = _Exchange(c, {"conversation_id": "c", "message": "m"}, lambda i: None, lambda: restarts.append(1))
+    ex = _Exchange(
+        c, {"conversation_id": "c", "message": "m"}, lambda i: None, lambda: restarts.append(1)
+    )
     ex.send()
     return ex, core, restarts
 
@@ -491,12 +495,24 @@ def test_client_installs_and_chats_without_the_node_extra(
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src)
-    shutil.copytree(ROOT / "qwen_edge", src / "qwen_edge", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "qwen_edge", src / "qwen_edge", ignore=shutil.ignore_patterns("__pycache__")
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
     install = subprocess.run(
-        [py, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--only-binary", ":all:", str(src)],
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            "--only-binary",
+            ":all:",
+            str(src),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
