@@ -461,8 +461,9 @@ class _Exchange:
             self._diverged(message.seq)
         self._seen[message.seq] = (item.payload, message)
         while not self.ended and self._next in self._seen:
-            self._take(self._seen[self._next][1])
-            self._next += 1
+            seq = self._next
+            self._next += 1  # before taking it: a node_lost retry starts over from seq 0
+            self._take(self._seen[seq][1])
 
     def _diverged(self, seq: int) -> None:
         """A different message under a seq already seen: the node lost the reply (a crash) and

@@ -477,18 +477,25 @@ def test_a_refused_resend_does_not_end_the_reply_it_asked_about() -> None:
 
 
 def test_node_lost_is_retried_once_as_a_new_request_then_raised() -> None:
-    ex, core, restarts = _exchange(node=None)
-    first_id = ex.request_id
-    ex.feed(_msg(ex, 0, "start", node="node-a", model="m"))
-    ex.feed(_msg(ex, 1, "chunk", text="x"))
-    assert _texts(ex) == ["x"]
-    ex.feed(_msg(ex, 2, "error", code="node_lost", message="gone"))
-    assert ex.failure is None and restarts == [1]
-    assert ex.request_id != first_id
-    assert core.sent == [(POOL, first_id), (POOL, ex.request_id)]
-    ex.feed(_msg(ex, 0, "start", node="node-b", model="m"))
-    ex.feed(_msg(ex, 1, "error", code="node_lost", message="gone too"))
-    assert isinstance(ex.failure, EdgeError) and ex.failure.code == "node_lost"
+    for second_end in ("done", "node_lost"):
+        ex, core, restarts = _exchange(node=None)
+        first_id = ex.request_id
+        ex.feed(_msg(ex, 0, "start", node="node-a", model="m"))
+        ex.feed(_msg(ex, 1, "chunk", text="x"))
+        assert _texts(ex) == ["x"]
+        ex.feed(_msg(ex, 2, "error", code="node_lost", message="gone"))
+        assert ex.failure is None and restarts == [1]
+        assert ex.request_id != first_id
+        assert core.sent == [(POOL, first_id), (POOL, ex.request_id)]
+        ex.feed(_msg(ex, 0, "start", node="node-b", model="m"))
+        ex.feed(_msg(ex, 1, "chunk", text="y"))
+        if second_end == "done":
+            ex.feed(_msg(ex, 2, "done", finish_reason="stop", usage={}))
+            assert _texts(ex) == ["y"]
+            assert ex.reply is not None and (ex.reply.text, ex.reply.node) == ("y", "node-b")
+        else:
+            ex.feed(_msg(ex, 2, "error", code="node_lost", message="gone too"))
+            assert isinstance(ex.failure, EdgeError) and ex.failure.code == "node_lost"
 
 
 # -- a device's install --------------------------------------------------------------------------
