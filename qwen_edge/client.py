@@ -107,9 +107,7 @@ class ErrorMessage(_Message):
 
 
 ReplyMessage = StartMessage | ChunkMessage | DoneMessage | ErrorMessage
-_REPLY: Final = TypeAdapter[ReplyMessage](
-    Annotated[ReplyMessage, Field(discriminator="type")]
-)
+_REPLY: Final = TypeAdapter[ReplyMessage](Annotated[ReplyMessage, Field(discriminator="type")])
 
 
 def parse_reply(payload: bytes) -> ReplyMessage | None:
