@@ -541,7 +541,10 @@ def test_client_installs_and_chats_without_the_node_extra(
         "print(u.find_spec('llama_cpp') is None, u.find_spec('systemd') is None,"
         " [m for m in sys.modules if m.startswith(('llama_cpp', 'systemd'))])\n"
     )
-    found = subprocess.run([py, "-c", probe], capture_output=True, text=True, check=False)
+    # Not from the checkout, whose systemd/ folder would pass for a namespace package.
+    found = subprocess.run(
+        [py, "-c", probe], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == ["True", "True", "[]"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
