@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,7 @@ from qwen_edge.client import (
     parse_reply,
 )
 
-from .conftest import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe, reply_text
+from .conftest import BROKER_CONF, NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe, reply_text
 
 POOL = "pool"
 
@@ -354,6 +355,19 @@ def test_pool_follow_ups_go_to_the_node_that_answered_first(
     assert all(r.usage["prompt_tokens"] > first.usage["prompt_tokens"] for r in replies)
     assert {other.node, first.node} == {"node-a", "node-b"}  # the pool took turns
     assert c.pinned_node("pin") == fresh.node
+    # `qwen-edge chat --node pool` asks the pool through the same client.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
+    env.update(QWEN_EDGE_MQTT__PORT=str(broker.port), QWEN_EDGE_NODE_ID="node-a")
+    chat = subprocess.run(
+        [sys.executable, "-m", "qwen_edge", "chat", "--node", POOL, "--max-tokens", "4", "Hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert re.search(r"\[(stop|length), node node-[ab]", chat.stderr), chat.stderr
 
 
 @pytest.mark.slow
@@ -559,3 +573,27 @@ def test_client_installs_and_chats_without_the_node_extra(
     )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip()
+
+
+def test_chat_connects_with_the_configured_mqtt_version(tmp_path: Path) -> None:
+    conf = tmp_path / "notice.conf"
+    conf.write_text(BROKER_CONF.read_text() + "log_type notice\n")  # logs each connect
+    b = Broker(tmp_path / "broker", conf)
+    b.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
+        env.update(QWEN_EDGE_MQTT__PORT=str(b.port), QWEN_EDGE_NODE_ID="nobody")
+        for version in ("3.1.1", "5"):
+            subprocess.run(
+                [sys.executable, "-m", "qwen_edge", "chat", "--timeout", "0.5", "Hi"],
+                env={**env, "QWEN_EDGE_MQTT__PROTOCOL": version},
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        log = (b.workdir / "mosquitto.log").read_text(errors="replace")
+    finally:
+        b.stop()
+    # mosquitto names the protocol of each connection: p2 is MQTT 3.1.1, p5 is MQTT 5.
+    versions = re.findall(r"New client connected from \S+ as chat-\S+ \((p\d)", log)
+    assert versions == ["p2", "p5"], log
