@@ -168,7 +168,9 @@ class _Core:
         self.connected = threading.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"{client_id}-{uuid.uuid4().hex[:8]}",
+            # A broker that binds a device account to the client id of its name (docs/security.md)
+            # refuses any other; an anonymous one lets several programs share a client_id.
+            client_id=mqtt.username or f"{client_id}-{uuid.uuid4().hex[:8]}",
             protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
             # 3.1.1 has no session expiry: a kept session would outlive this object for good.
             # Replies missed across a broker restart come back by resending (a replay).

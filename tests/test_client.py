@@ -597,3 +597,21 @@ def test_chat_connects_with_the_configured_mqtt_version(tmp_path: Path) -> None:
     # mosquitto names the protocol of each connection: p2 is MQTT 3.1.1, p5 is MQTT 5.
     versions = re.findall(r"New client connected from \S+ as chat-\S+ \((p\d)", log)
     assert versions == ["p2", "p5"], log
+
+
+def test_with_an_account_the_mqtt_client_id_is_its_name(tmp_path: Path) -> None:
+    """A broker that binds a device account to the client id of its name refuses any other."""
+    conf = tmp_path / "notice.conf"
+    conf.write_text(BROKER_CONF.read_text() + "log_type notice\n")
+    b = Broker(tmp_path / "broker", conf)
+    b.start()
+    try:
+        with _client(b, client_id="devX", username="devX", password="pw"):
+            pass
+        with _client(b, client_id="devY"):
+            pass
+        log = (b.workdir / "mosquitto.log").read_text(errors="replace")
+    finally:
+        b.stop()
+    assert re.search(r"as devX \(p5, c1, k30, u'devX'\)", log), log
+    assert re.search(r"as devY-[0-9a-f]{8} \(p5", log), log  # anonymous: one per program
