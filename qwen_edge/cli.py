@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk to a node from the terminal")
     chat.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
     chat.add_argument("message", nargs="*", help="send this one message, print the reply, exit")
-    chat.add_argument("--node", help="node to talk to (default: this node's node_id)")
+    chat.add_argument(
+        "--node",
+        help="node to talk to (default: this node's node_id); the pool's name (fleet.group, "
+        "e.g. pool) asks any node and keeps the conversation on the one that answers",
+    )
     chat.add_argument(
         "--client-id", default=None, help="client id (default: mqtt.username, else chat-<user>)"
     )
@@ -41,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt for this conversation")
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
-    chat.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    chat.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the reply's next message before giving up",
+    )
 
     fleet = sub.add_parser("fleet", help="list the nodes on the broker: state, model, load")
     fleet.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
