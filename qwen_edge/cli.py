@@ -89,7 +89,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (a return per command)
     args = _parser().parse_args(argv)
     if args.command == "doctor":  # reports a bad configuration itself, among its checks
         from .doctor import run_doctor

@@ -7,6 +7,7 @@ being the parsed payload; jinja2 (a dependency of llama-cpp-python) renders them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -65,10 +66,8 @@ def settings(node: str = "pi", enabled: bool = True, **more: Any) -> Settings:
 def render(template: str, payload: bytes) -> str:
     """Like Home Assistant: `value` is the payload, `value_json` the parsed JSON if it parses."""
     variables: dict[str, Any] = {"value": payload.decode("utf-8")}
-    try:
+    with contextlib.suppress(ValueError):
         variables["value_json"] = json.loads(payload)
-    except ValueError:
-        pass
     return jinja2.Environment().from_string(template).render(**variables)
 
 
@@ -307,7 +306,9 @@ def test_node_appears_in_home_assistant_and_leaves_when_disabled(
     assert watcher.raw == []
 
 
-def remove_command(broker_port: int, state_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def remove_command(
+    broker_port: int, state_dir: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
     environ.update(
         QWEN_EDGE_MQTT__HOST="127.0.0.1",
@@ -319,6 +320,7 @@ def remove_command(broker_port: int, state_dir: Path, **env: str) -> subprocess.
     return subprocess.run(
         [sys.executable, "-m", "qwen_edge", "homeassistant", "--remove", "--timeout", "5"],
         env=environ,
+        check=False,
         capture_output=True,
         text=True,
         timeout=30,
