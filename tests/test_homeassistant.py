@@ -307,7 +307,7 @@ def test_node_appears_in_home_assistant_and_leaves_when_disabled(
 
 
 def remove_command(
-    broker_port: int, state_dir: Path, **env: str
+    broker_port: int, state_dir: Path, *args: str, **env: str
 ) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
     environ.update(
@@ -318,7 +318,7 @@ def remove_command(
         **env,
     )
     return subprocess.run(
-        [sys.executable, "-m", "qwen_edge", "homeassistant", "--remove", "--timeout", "5"],
+        [sys.executable, "-m", "qwen_edge", "homeassistant", "--remove", "--timeout", "3", *args],
         env=environ,
         check=False,
         capture_output=True,
@@ -356,3 +356,32 @@ def test_remove_command_fails_without_a_broker_and_keeps_the_record(tmp_path: Pa
     done = remove_command(free_port(), state)
     assert done.returncode == 1
     assert (state / RECORD_FILE).exists()  # kept, so that a second try still knows the topics
+
+
+def test_remove_command_authenticates_with_the_services_secrets_file(tmp_path: Path) -> None:
+    """scripts/install passes --secrets /etc/qwen-edge/secrets.env, where the password lives."""
+    broker_dir = Path(__file__).resolve().parent / "broker"
+    conf = tmp_path / "auth-base.conf"
+    conf.write_text(
+        (broker_dir / "auth.conf").read_text() + f"password_file {broker_dir / 'auth.passwd'}\n"
+    )
+    broker = Broker(tmp_path / "auth-broker", base_conf=conf)
+    broker.start()
+    try:
+        state = tmp_path / "state"
+        Announcer(settings(NODE), "m", "1", state).messages()
+        secrets = tmp_path / "secrets.env"
+        account = {"QWEN_EDGE_MQTT__USERNAME": "qwen-edge"}
+
+        secrets.write_text("QWEN_EDGE_MQTT__PASSWORD=wrong-password\n")
+        refused = remove_command(broker.port, state, "--secrets", str(secrets), **account)
+        assert refused.returncode == 1
+        assert "did not confirm the removal" in refused.stderr
+        assert (state / RECORD_FILE).exists()
+
+        secrets.write_text("# as systemd reads it\nQWEN_EDGE_MQTT__PASSWORD='right-password'\n")
+        done = remove_command(broker.port, state, "--secrets", str(secrets), **account)
+        assert done.returncode == 0, done.stderr
+        assert not (state / RECORD_FILE).exists()
+    finally:
+        broker.stop()
