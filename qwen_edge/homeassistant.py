@@ -38,9 +38,7 @@ _NOT_ID = re.compile(r"[^a-zA-Z0-9_-]")
 _ONLINE = "{{ 'online' if value_json.state == 'online' else 'offline' }}"
 # The connectivity sensor itself must stay readable while the node is offline (that is what it
 # reports): it is unavailable only when there is no readable status at all.
-_KNOWN = (
-    "{{ 'online' if value_json is defined and value_json.state is defined else 'offline' }}"
-)
+_KNOWN = "{{ 'online' if value_json is defined and value_json.state is defined else 'offline' }}"
 
 
 @dataclass(frozen=True, slots=True)
