@@ -358,8 +358,8 @@ def test_remove_command_fails_without_a_broker_and_keeps_the_record(tmp_path: Pa
     assert (state / RECORD_FILE).exists()  # kept, so that a second try still knows the topics
 
 
-def test_remove_command_authenticates_with_the_services_secrets_file(tmp_path: Path) -> None:
-    """scripts/install passes --secrets /etc/qwen-edge/secrets.env, where the password lives."""
+def test_remove_command_authenticates_with_the_services_password(tmp_path: Path) -> None:
+    """scripts/install passes the service's secrets.env and its credentials directory."""
     broker_dir = Path(__file__).resolve().parent / "broker"
     conf = tmp_path / "auth-base.conf"
     conf.write_text(
@@ -381,6 +381,18 @@ def test_remove_command_authenticates_with_the_services_secrets_file(tmp_path: P
 
         secrets.write_text("# as systemd reads it\nQWEN_EDGE_MQTT__PASSWORD='right-password'\n")
         done = remove_command(broker.port, state, "--secrets", str(secrets), **account)
+        assert done.returncode == 0, done.stderr
+        assert not (state / RECORD_FILE).exists()
+
+        # scripts/install's way for LoadCredential=mqtt-password:/etc/qwen-edge/mqtt-password.
+        Announcer(settings(NODE), "m", "1", state).messages()
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        (etc / "mqtt-password").write_text("right-password\n")
+        absent = str(tmp_path / "absent.env")
+        done = remove_command(
+            broker.port, state, "--secrets", absent, CREDENTIALS_DIRECTORY=str(etc), **account
+        )
         assert done.returncode == 0, done.stderr
         assert not (state / RECORD_FILE).exists()
     finally:
