@@ -1,4 +1,4 @@
-"""Command line: `qwen-edge serve | config | chat | fleet | model | doctor`.
+"""Command line: `qwen-edge serve | config | chat | fleet | model | doctor | homeassistant`.
 
 Thin: parse, load settings, run.
 """
@@ -72,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
         "(default: /etc/qwen-edge/secrets.env)",
     )
 
+    ha = sub.add_parser(
+        "homeassistant", help="print this node's Home Assistant discovery configs, or remove them"
+    )
+    ha.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    ha.add_argument(
+        "--remove", action="store_true", help="publish empty retained configs (node stopped)"
+    )
+    ha.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
+    ha.add_argument(
+        "--secrets", type=Path, help="the service's environment file, read like systemd does"
+    )
+
     from .models import add_parser as add_model_parser
 
     add_model_parser(sub)
@@ -86,12 +98,16 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (a return per command)
     args = _parser().parse_args(argv)
     if args.command == "doctor":  # reports a bad configuration itself, among its checks
         from .doctor import run_doctor
 
         return run_doctor(args)
+    if args.command == "homeassistant" and args.secrets is not None:
+        from .doctor import use_secrets
+
+        use_secrets(args.secrets)  # the broker password of the service
     settings = _settings(args)
     if args.command == "config":
         print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
@@ -104,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from .fleet import run_fleet
 
         return run_fleet(settings, args)
+    if args.command == "homeassistant":
+        from .homeassistant import run_homeassistant
+
+        return run_homeassistant(settings, args)
     if args.command == "model":
         from .models import run_model
 

@@ -26,6 +26,7 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
+from .homeassistant import Announcer
 from .journal import RequestJournal
 from .limits import ClientLimits
 from .modelfile import ModelError, verify_model_file
@@ -82,6 +83,9 @@ class Service:
         self._early: list[Inbound] = []  # delivered while loading and not in the inbox
         self._journal: RequestJournal | None = None
         self._limits = ClientLimits(settings.limits)
+        self._homeassistant = Announcer(  # Home Assistant discovery: see _on_link_connected
+            settings, self.model_name, self.version, state_directory(settings.service.state_dir)
+        )
 
     # -- status --------------------------------------------------------------------------------
 
@@ -111,6 +115,14 @@ class Service:
                 self._link.publish_status(
                     self._status("online", slots=self.settings.model.slots, pid=os.getpid())
                 )
+
+    def _on_link_connected(self) -> None:
+        """Each connect of the main link: the status, then the Home Assistant discovery configs
+        (or their removal once, after the feature was turned off)."""
+        self._on_connected()
+        assert self._link is not None
+        for topic, payload in self._homeassistant.messages():
+            self._link.publish_retained(topic, payload)
 
     # -- intake (paho network thread) ----------------------------------------------------------
 
@@ -338,7 +350,7 @@ class Service:
             client_id=s.mqtt.client_id or f"qwen-edge-{s.node_id}",
             subscriptions=self.topics.subscriptions,
             on_message=self._on_message,
-            on_connected=self._on_connected,
+            on_connected=self._on_link_connected,
             status_topic=self.topics.status,
             will_payload=self._status("offline", reason="connection lost"),
         )

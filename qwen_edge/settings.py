@@ -258,6 +258,26 @@ class FleetSettings(_Section):
         return _check_topic_level(value, "fleet.group")
 
 
+class HomeAssistantSettings(_Section):
+    """Home Assistant MQTT discovery: the node appears there as a device (docs/homeassistant.md)."""
+
+    enabled: bool = Field(
+        False,
+        description="Publish retained discovery configs on every connect; false removes those "
+        "this node published.",
+    )
+    discovery_prefix: str = Field(
+        "homeassistant", description="Home Assistant's discovery prefix (its MQTT settings)."
+    )
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _prefix_is_topic_levels(cls, value: str) -> str:
+        for level in value.split("/"):
+            _check_topic_level(level, "homeassistant.discovery_prefix levels")
+        return value
+
+
 class Settings(BaseSettings):
     """The effective configuration of one qwen-edge node."""
 
@@ -281,6 +301,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
 
     @field_validator("node_id")
     @classmethod
