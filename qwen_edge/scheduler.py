@@ -478,4 +478,3 @@ class Scheduler:
     def _end(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.key, None)
-

@@ -80,11 +80,11 @@ CREATE INDEX outcomes_finished ON outcomes (finished);
 # fair-share pruning below rank each client's rows without reading their messages.
 _INDEXES = "CREATE INDEX IF NOT EXISTS outcomes_client ON outcomes (client_id, finished);"
 
-# Keeps at most :per_client rows per client (its newest) and :total rows in all, taken newest of
-# each client first: every client's newest, then every client's second newest, ... Among rows
-# of equal rank the inserting client's (:client) go last, then the older; the row just written
-# (:client, :key) always stays. So a client's row is only dropped for another client that holds
-# fewer, and with K clients one holding at most total / K rows keeps them all.
+# The rule of the outcome and conversation tables' bounds, applied at once (on start; a write
+# applies it one row at a time, see _bound_outcomes): keep at most :per_client rows of each
+# client (its newest) and :total in all, taken newest of each client first: every client's
+# newest, then every client's second newest, ... So a client's rows are only dropped for a client
+# holding fewer, and with K clients one holding at most total / K rows keeps them all.
 _FAIR_PRUNE = """
 WITH ranked AS (
     SELECT client_id, {key} AS key, {time} AS time,
@@ -92,7 +92,7 @@ WITH ranked AS (
     FROM {table}
 ), kept AS (
     SELECT client_id, key FROM ranked WHERE rank <= :per_client
-    ORDER BY (client_id IS :client AND key IS :key) DESC, rank, client_id IS :client, time DESC
+    ORDER BY rank, time DESC
     LIMIT :total
 )
 DELETE FROM {table} WHERE (client_id, {key}) NOT IN kept
@@ -426,24 +426,41 @@ class StateStore:
     def _bound_outcomes(
         self, db: sqlite3.Connection, client_id: str | None, request_id: str | None
     ) -> None:
-        """Prune to the outcome bounds, fairly (_FAIR_PRUNE), after `client_id` wrote
-        `request_id`. Two index-only counts per outcome; the pruning itself only when over."""
-        if client_id is not None:
-            total = db.execute("SELECT count(*) FROM outcomes").fetchone()[0]
-            mine = db.execute(
-                "SELECT count(*) FROM outcomes WHERE client_id = ?", (client_id,)
-            ).fetchone()[0]
-            if total <= self._outcomes_max and mine <= self._outcomes_per_client:
-                return
-        db.execute(
-            _PRUNE_OUTCOMES,
-            {
-                "per_client": self._outcomes_per_client,
-                "total": self._outcomes_max,
-                "client": client_id,
-                "key": request_id,
-            },
-        )
+        """Prune to the outcome bounds, by _FAIR_PRUNE's rule, after `client_id` wrote
+        `request_id` (None: prune everything over, as on start).
+
+        One new row leaves at most one row too many, so after a write one row goes, found
+        through the index in well under a millisecond: ranking the whole table takes several.
+        """
+        if client_id is None:
+            db.execute(
+                _PRUNE_OUTCOMES,
+                {"per_client": self._outcomes_per_client, "total": self._outcomes_max},
+            )
+            return
+        oldest = "SELECT rowid FROM outcomes WHERE client_id = ? ORDER BY finished, request_id"
+        mine = db.execute(
+            "SELECT count(*) FROM outcomes WHERE client_id = ?", (client_id,)
+        ).fetchone()[0]
+        if mine > self._outcomes_per_client:
+            db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (client_id,))
+            return
+        if db.execute("SELECT count(*) FROM outcomes").fetchone()[0] <= self._outcomes_max:
+            return
+        # The client holding the most; on a tie the writer, then the one with the oldest row.
+        victim, held = db.execute(
+            "SELECT client_id, count(*) AS held FROM outcomes GROUP BY client_id"
+            " ORDER BY held DESC, client_id = ? DESC, min(finished) LIMIT 1",
+            (client_id,),
+        ).fetchone()
+        if victim == client_id and held == 1:  # everyone holds one: the oldest of all goes
+            db.execute(
+                "DELETE FROM outcomes WHERE rowid = (SELECT rowid FROM outcomes"
+                " WHERE NOT (client_id = ? AND request_id = ?) ORDER BY finished LIMIT 1)",
+                (client_id, request_id),
+            )
+        else:
+            db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (victim,))
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -482,8 +499,6 @@ class StateStore:
                     {
                         "per_client": max_count if max_per_client is None else max_per_client,
                         "total": max_count,
-                        "client": None,
-                        "key": None,
                     },
                 )
                 db.execute("DELETE FROM outcomes WHERE finished < ?", (now - self._outcomes_ttl,))
