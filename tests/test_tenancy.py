@@ -22,6 +22,8 @@ SECRET = (
 )
 GUESS = SECRET.replace("4711", "1234")
 UNRELATED = "Name three rivers in Europe and the seas they flow into, from west to east."
+TABLE = 48  # conversations and outcomes the node remembers in all
+FLOOD = 70  # conversations one client opens: more than the tables hold
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,12 @@ def node(module_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Ite
         QWEN_EDGE_NODE_ID=NODE,
         QWEN_EDGE_MODEL__SLOTS="2",
         QWEN_EDGE_GENERATION__SYSTEM=NODE_SYSTEM,
-        # Smaller than the default 1000 so that 300 requests overflow it (the per-client share,
-        # 100 by default, is what must protect the others).
-        QWEN_EDGE_SERVICE__OUTCOMES_MAX="200",
+        # Tables a tenth of the defaults (256 and 16 conversations, 1000 and 100 outcomes), so
+        # that flooding them takes FLOOD requests, not hundreds: the same code either way.
+        QWEN_EDGE_CONVERSATIONS__MAX_CONVERSATIONS=str(TABLE),
+        QWEN_EDGE_CONVERSATIONS__MAX_PER_CLIENT="4",
+        QWEN_EDGE_SERVICE__OUTCOMES_MAX=str(TABLE),
+        QWEN_EDGE_SERVICE__OUTCOMES_PER_CLIENT="8",
     )
     d.start()
     yield d
@@ -97,7 +102,7 @@ def _replies(probe: Probe, topic_suffix: str) -> list[bytes]:
     return [payload for topic, payload in probe.raw if topic.endswith(topic_suffix)]
 
 
-def test_a_client_opening_300_conversations_leaves_others_history_and_records(
+def test_a_client_flooding_the_tables_leaves_others_history_and_records(
     module_broker: Broker, node: Daemon
 ) -> None:
     alice, mallory = _client(module_broker, "alice7"), _client(module_broker, "mallory")
@@ -113,11 +118,11 @@ def test_a_client_opening_300_conversations_leaves_others_history_and_records(
         original = alice.collect(first, timeout=120)
         assert original[-1]["type"] == "done"
 
-        # 300 conversations, a few at a time so that none is refused as busy.
-        for start in range(0, 300, 12):
+        # A few at a time, so that none is refused as busy.
+        for start in range(0, FLOOD, 12):
             rids = [
                 mallory.request("Hi", node=NODE, conversation_id=f"m{i}", max_tokens=1)
-                for i in range(start, min(start + 12, 300))
+                for i in range(start, min(start + 12, FLOOD))
             ]
             for rid in rids:
                 assert mallory.collect(rid, timeout=120)[-1]["type"] == "done"
