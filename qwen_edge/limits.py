@@ -57,7 +57,7 @@ class Admission:
     """A request let through by ClientLimits.admit; release() once its reply has ended (or it
     was refused further on). Releasing twice, or an admission that took nothing, is harmless."""
 
-    __slots__ = ("_limits", "_client_id", "_request_id")
+    __slots__ = ("_client_id", "_limits", "_request_id")
 
     def __init__(self, limits: ClientLimits | None, client_id: str, request_id: str) -> None:
         self._limits = limits  # None: took nothing (a duplicate of a request in flight)
@@ -72,7 +72,8 @@ class Admission:
     def release(self) -> None:
         limits, self._limits = self._limits, None
         if limits is not None:
-            limits._release(self._client_id, self._request_id)
+            # Private to all but its Admission: nothing else may free a count it did not take.
+            limits._release(self._client_id, self._request_id)  # noqa: SLF001
 
 
 class ClientLimits:

@@ -7,8 +7,8 @@ paho's network loop runs on its own thread; callbacks here only parse and hand o
 QoS 1 messages published while the link is down are queued by paho and sent on reconnect.
 
 A broker that drops the connection over one message (NATS's MQTT gateway does for a `.` in a
-topic) would get it again on every reconnect, forever: a topic whose oldest unacknowledged
-message was outstanding at REFUSED_AFTER disconnects in a row is given up (see _blame).
+topic) would get it again on every reconnect, forever: a message that was the oldest one sent and
+unacknowledged at REFUSED_AFTER disconnects in a row is given up, with its topic (see _blame).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ log = structlog.get_logger("qwen_edge.mqtt")
 # while the daemon is away, e.g. during a restart.
 SESSION_EXPIRY_S = 3600
 MAX_QUEUED_OUT = 20_000  # bounded memory when the broker is unreachable for long
-# Disconnects in a row with the same topic's message oldest unacknowledged, before that topic
-# counts as refused by the broker. A lost link (broker restart, network) is resent and
-# acknowledged after one reconnect, so it never gets near.
+# Disconnects in a row with the same message sent and the oldest unacknowledged, before its
+# topic counts as refused by the broker. A message caught by a lost link (broker restart,
+# network) is sent again and acknowledged after one reconnect, so it never gets near.
 REFUSED_AFTER = 3
 MAX_REFUSED_TOPICS = 1024  # remembered refused topics; the oldest is forgotten first
 
@@ -97,7 +97,8 @@ class MqttLink:
         self._log_return = log.info if name == "main" else log.debug
         self._ever_connected = False
         self._lost_at: float | None = None  # monotonic time the link dropped, until it is back
-        self._blamed: tuple[str, int] | None = None  # (topic, disconnects in a row) see _blame
+        # (message, disconnects in a row it was the oldest sent and unacknowledged): _blame
+        self._blamed: tuple[paho.MQTTMessage, int] | None = None
         self._refused: OrderedDict[str, None] = OrderedDict()  # topics the broker refuses
         self._persistent = persistent
         self.v5 = settings.protocol == "5"
@@ -235,17 +236,17 @@ class MqttLink:
             )
         self._lost_at = None
         if self._subscriptions:
-            _, self._subscribe_mid = client.subscribe(
-                [
-                    (
-                        sub.topic,
-                        SubscribeOptions(qos=1, retainAsPublished=sub.keep_retain_flag)
-                        if self.v5
-                        else 1,
-                    )
-                    for sub in self._subscriptions
-                ]
-            )
+            if self.v5:
+                _, self._subscribe_mid = client.subscribe(
+                    [
+                        (sub.topic, SubscribeOptions(qos=1, retainAsPublished=sub.keep_retain_flag))
+                        for sub in self._subscriptions
+                    ]
+                )
+            else:
+                _, self._subscribe_mid = client.subscribe(
+                    [(s.topic, 1) for s in self._subscriptions]
+                )
         self.connected.set()
         if self._on_connected_cb is not None:
             self._on_connected_cb()
@@ -293,15 +294,14 @@ class MqttLink:
             self._on_disconnected_cb()
 
     def _blame(self) -> None:
-        """The link dropped: if the same topic's message was the oldest unacknowledged one at
-        REFUSED_AFTER disconnects in a row, the broker refuses it (NATS drops the link over a
-        `.` in a topic, and paho sends the message again on every reconnect). Its queued
-        messages are dropped and later ones not sent, with one error naming the topic.
+        """The link dropped: if the same message was the oldest one sent and unacknowledged at
+        REFUSED_AFTER disconnects in a row, the broker refuses its topic (NATS drops the link
+        over a `.` in a topic, and paho sends the message again on every reconnect). The
+        topic's queued messages are dropped and later ones not sent, with one error naming it.
 
         The oldest unacknowledged message is the culprit: paho resends in order, and the
-        broker acknowledged (or never got) those before it. A message whose acknowledgement
-        was lost when the link dropped is one the broker already has, so even a wrong verdict
-        loses nothing delivered."""
+        broker acknowledged those before it. Sent on three connections in a row and dropped
+        each time without an acknowledgement is no accident of a restarting broker."""
         client = self._client
         # Private (SLF001): paho keeps its unacknowledged messages to itself; reading them is the
         # only way to see which one the broker keeps hanging up on. Its own lock guards them.
@@ -312,8 +312,8 @@ class MqttLink:
                 self._blamed = None  # nothing sent and unacknowledged on this connection
                 return
             topic = oldest.topic
-            count = self._blamed[1] + 1 if self._blamed and self._blamed[0] == topic else 1
-            self._blamed = (topic, count)
+            count = self._blamed[1] + 1 if self._blamed and self._blamed[0] is oldest else 1
+            self._blamed = (oldest, count)
             if count < REFUSED_AFTER:
                 return
             self._blamed = None

@@ -212,7 +212,9 @@ class Service:
                 log.info("request_refused", client_id=client_id, code=refusal.code.value)
             return
         self._kept_while_loading += 1
-        kept = self._journal.store.accept(msg.topic, msg.payload, msg.response_topic, msg.correlation)
+        kept = self._journal.store.accept(
+            msg.topic, msg.payload, msg.response_topic, msg.correlation
+        )
         if kept is None:  # the store failed (logged there): kept in memory instead
             self._early.append(msg)
 
@@ -294,6 +296,7 @@ class Service:
         msg: Inbound,
         topics: Topics,
         pooled: bool,
+        *,
         inbox_id: int | None = None,
         charged: bool = False,
     ) -> None:
@@ -389,7 +392,9 @@ class Service:
                 continue
             msg = Inbound(entry.topic, entry.payload, entry.response_topic, entry.correlation)
             # Charged when it arrived (or in the run before a restart, whose buckets are gone).
-            self._on_request(inbound.client_id, msg, self.topics, False, entry.id, charged=True)
+            self._on_request(
+                inbound.client_id, msg, self.topics, False, inbox_id=entry.id, charged=True
+            )
 
     def _send_error(
         self, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
@@ -577,7 +582,13 @@ class Service:
                 continue
             self._probe_back.clear()
             pool_link.publish(fleet.probe_request, probe)
-            if self._probe_back.wait(PROBE_TIMEOUT):
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            while not self._probe_back.wait(0.05):  # in steps: a stop must not wait for it
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    break
+            if self._stop.is_set():
+                return
+            if self._probe_back.is_set():
                 self._pool_proven = True
                 log.info("pool_joined", group=fleet.group)
                 return

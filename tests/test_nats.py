@@ -44,9 +44,7 @@ class Nats:
 
     def start(self) -> None:
         log = (self.workdir / "nats.log").open("ab")
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=log
-        )
+        self.proc = subprocess.Popen([NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=log)
         _wait_port(self.port, timeout=20)
 
     def stop(self) -> None:
@@ -75,9 +73,7 @@ class Device:
             client_id=f"dev-{client_id}-{uuid.uuid4().hex[:6]}",
             protocol=paho.MQTTv311,
         )
-        self.client.on_message = lambda c, u, m: self.messages.put(
-            (m.topic, json.loads(m.payload))
-        )
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, json.loads(m.payload)))
         self.client.on_subscribe = lambda *a: self._subacks.put(1)
         self.client.connect("127.0.0.1", nats.port)
         self.client.loop_start()
