@@ -96,6 +96,7 @@ class MqttLink:
         self._log_outage = log.warning if name == "main" else log.debug
         self._log_return = log.info if name == "main" else log.debug
         self._ever_connected = False
+        self._stopping = False  # stop() was called: the coming disconnect is ours, not an outage
         self._lost_at: float | None = None  # monotonic time the link dropped, until it is back
         # (message, disconnects in a row it was the oldest sent and unacknowledged): _blame
         self._blamed: tuple[paho.MQTTMessage, int] | None = None
@@ -151,6 +152,7 @@ class MqttLink:
 
     def stop(self, final_status: bytes | None = None, timeout: float = 5.0) -> None:
         """Publish the final retained status (if any), wait for queued messages, disconnect."""
+        self._stopping = True
         if final_status is not None:
             assert self._status_topic is not None
             info = self._client.publish(self._status_topic, final_status, qos=1, retain=True)
@@ -285,7 +287,7 @@ class MqttLink:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self.subscribed.clear()
-        if was_connected:
+        if was_connected and not self._stopping:
             self._blame()
             if self._lost_at is None:  # one line per outage, however many retries follow
                 self._lost_at = time.monotonic()

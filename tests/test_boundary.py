@@ -268,3 +268,4 @@ def test_the_node_is_back_within_seconds_of_the_brokers_return(
         assert 15 < returned[0]["after_s"] < 25
     finally:
         node.stop()
+    assert len(_events(node, "broker_lost")) == 1  # a stop is no outage
