@@ -101,6 +101,7 @@ class MqttLink:
         # (message, disconnects in a row it was the oldest sent and unacknowledged): _blame
         self._blamed: tuple[paho.MQTTMessage, int] | None = None
         self._refused: OrderedDict[str, None] = OrderedDict()  # topics the broker refuses
+        self._purge: set[str] = set()  # refused topics whose queued messages are still held
         self._persistent = persistent
         self.v5 = settings.protocol == "5"
         self.connected = threading.Event()
@@ -127,6 +128,7 @@ class MqttLink:
         client.max_queued_messages_set(MAX_QUEUED_OUT)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
+        client.on_pre_connect = self._on_pre_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -322,17 +324,27 @@ class MqttLink:
             self._refused[topic] = None
             if len(self._refused) > MAX_REFUSED_TOPICS:
                 self._refused.popitem(last=False)
-            dropped = [mid for mid, m in out.items() if m.topic == topic]
-            for mid in dropped:
-                del out[mid]  # paho recounts what is in flight when it reconnects
+            # Dropped before the next connection (_on_pre_connect), not here: paho may call
+            # this from inside its own loop over the same messages (a resend that failed).
+            self._purge.add(topic)
         log.error(
             "broker_refuses_topic",
             link=self._name,
             topic=topic,
             disconnects=REFUSED_AFTER,
-            dropped=len(dropped),
             consequence="its messages are dropped, none sent to it again",
         )
+
+    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        """Before each connection attempt (paho has just reset what is in flight, and resends
+        in the CONNACK handler): drop the queued messages of topics found refused."""
+        if not self._purge:
+            return
+        with client._out_message_mutex:  # noqa: SLF001  # as in _blame
+            out = client._out_messages  # noqa: SLF001
+            for mid in [mid for mid, m in out.items() if m.topic in self._purge]:
+                del out[mid]
+        self._purge.clear()
 
     def _on_subscribe(
         self,
