@@ -263,6 +263,12 @@ def parse_node_topic(prefix: str, topic: str) -> WatchedTopic | None:
     return WatchedTopic(WatchKind(leaf), node)
 
 
+# The client id of pool probes: a node proves at start that the broker hands it pooled requests
+# by sending itself one (docs/protocol.md, "Fleet"). A probe is never served; a device account
+# must not be named like it (with broker ACLs a device can use only its own account's id).
+PROBE_CLIENT: Final = "$probe"
+
+
 @dataclass(frozen=True, slots=True)
 class FleetTopics:
     """The topics a node of a pool uses besides its own: the pool's, which have the shape of a
@@ -294,6 +300,16 @@ class FleetTopics:
     def pool_replies(self) -> str:
         # '#': response topics may have more levels under the client's namespace.
         return f"{self.pool.base}/reply/#"
+
+    @property
+    def probe_request(self) -> str:
+        """Where a node sends its pool probe: a pooled request of the reserved PROBE_CLIENT."""
+        return self.pool.request(PROBE_CLIENT)
+
+    def probe_echo(self, node: str) -> str:
+        """Where a pool member returns a probe that `node` sent (and the pool gave to another
+        member): a pooled reply topic of PROBE_CLIENT, which every member watches."""
+        return self.pool.reply(PROBE_CLIENT, node)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
