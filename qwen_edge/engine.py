@@ -47,6 +47,11 @@ class SamplingParams:
     repeat_penalty: float
     repeat_last_n: int
     seed: int
+    grammar: str | None = None  # GBNF the reply must follow (root rule `root`)
+
+
+class GrammarError(ValueError):
+    """llama.cpp could not read a grammar."""
 
 
 class Sampler:
@@ -54,9 +59,20 @@ class Sampler:
 
     __slots__ = ("_chain",)
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any = None) -> None:
+        """`vocab`: the model's, needed with a grammar."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if params.grammar is not None:
+            # First, so that every later filter and the final pick see only tokens the grammar
+            # allows. It checks the whole vocabulary each token: only requests with a format pay.
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise GrammarError("llama.cpp could not read the grammar made for this format")
+            add(chain, grammar)  # the chain owns it from here: freed with the chain
         if params.temperature == 0:
             # Plain greedy: no penalties, no filters; identical to llama-cpp-python's temp=0 path.
             add(chain, llama_cpp.llama_sampler_init_greedy())
@@ -104,6 +120,52 @@ class TextAssembler:
 
     def flush(self) -> str:
         return self._decode(b"", True)
+
+
+class StopStrings:
+    """Cuts a reply at the first stop string, holding back only text that could still become one.
+
+    The reply ends where a stop string is first complete (of two completed by the same text, the
+    longer); the text before it is the reply, the stop string and anything after are never
+    published.
+    """
+
+    __slots__ = ("_held", "_stops", "hit")
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""  # the longest tail of the text so far that begins some stop string
+        self.hit = False  # a stop string was found: nothing more comes
+
+    def push(self, text: str) -> str:
+        """The text that can be published now."""
+        if self.hit:
+            return ""
+        pending = self._held + text
+        cut = end = -1
+        for stop in self._stops:
+            # The held tail contains no whole stop string, so any match ends in `text`.
+            i = pending.find(stop)
+            if i >= 0 and (end < 0 or i + len(stop) < end or (i + len(stop) == end and i < cut)):
+                cut, end = i, i + len(stop)
+        if cut >= 0:
+            self.hit = True
+            self._held = ""
+            return pending[:cut]
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]
+
+    def flush(self, text: str = "") -> str:
+        """The last text of a reply that ends for another reason: the held tail is no stop."""
+        out = self.push(text) + self._held
+        self._held = ""
+        return out
 
 
 @dataclass(frozen=True, slots=True)
