@@ -59,20 +59,9 @@ class Sampler:
 
     __slots__ = ("_chain",)
 
-    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any = None) -> None:
-        """`vocab`: the model's, needed with a grammar."""
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
-        if params.grammar is not None:
-            # First, so that every later filter and the final pick see only tokens the grammar
-            # allows. It checks the whole vocabulary each token: only requests with a format pay.
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                vocab, params.grammar.encode("utf-8"), b"root"
-            )
-            if not grammar:
-                llama_cpp.llama_sampler_free(chain)
-                raise GrammarError("llama.cpp could not read the grammar made for this format")
-            add(chain, grammar)  # the chain owns it from here: freed with the chain
         if params.temperature == 0:
             # Plain greedy: no penalties, no filters; identical to llama-cpp-python's temp=0 path.
             add(chain, llama_cpp.llama_sampler_init_greedy())
@@ -101,6 +90,91 @@ class Sampler:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+
+
+# llama_token_data as numpy sees it: the candidates of one sampling step.
+_TOKEN_DATA: Final = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarSampler(Sampler):
+    """A sampler chain whose every token also satisfies a grammar.
+
+    Applying a grammar checks each of the vocabulary's tokens against it (49k for SmolLM2, 152k
+    for Qwen), which can cost more than the decode. So, as llama.cpp's own server does, the
+    chain picks a token first and the grammar checks only that one; only when it refuses is the
+    grammar applied to the whole vocabulary and the token picked again. In a JSON reply the
+    model's own choice mostly fits.
+    """
+
+    __slots__ = ("_candidates", "_grammar", "_ids", "_one", "_single")
+
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any) -> None:
+        assert params.grammar is not None
+        super().__init__(params, n_vocab)
+        grammar = llama_cpp.llama_sampler_init_grammar(
+            vocab, params.grammar.encode("utf-8"), b"root"
+        )
+        if not grammar:
+            self.close()
+            raise GrammarError("llama.cpp could not read the grammar made for this format")
+        self._grammar = grammar
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._single = np.zeros(1, dtype=_TOKEN_DATA)
+        self._one = _token_array(self._single)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(ctx, index), shape=(len(self._ids),)
+        )
+        token = self._pick(logits, constrained=False)
+        single = self._single
+        single["id"] = token
+        single["logit"] = 0.0
+        self._one.size = 1
+        self._one.selected = -1
+        self._one.sorted = False
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one))
+        if single["logit"][0] == -np.inf:  # refused: pick again among what the grammar allows
+            token = self._pick(logits, constrained=True)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: np.ndarray[Any, Any], *, constrained: bool) -> int:
+        """The chain's choice among all tokens (`constrained`: those the grammar allows)."""
+        candidates = self._candidates
+        candidates["id"] = self._ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = _token_array(candidates)
+        if constrained:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "_grammar", None) is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _token_array(data: np.ndarray[Any, Any]) -> Any:
+    return llama_cpp.llama_token_data_array(
+        data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+        size=len(data),
+        selected=-1,
+        sorted=False,
+    )
+
+
+def new_sampler(params: SamplingParams, n_vocab: int, vocab: Any) -> Sampler:
+    """The sampler for one request: with a grammar only when it has one, so that the others
+    do no grammar work at all."""
+    if params.grammar is None:
+        return Sampler(params, n_vocab)
+    return GrammarSampler(params, n_vocab, vocab)
 
 
 class TextAssembler:

@@ -26,6 +26,7 @@ from .engine import (
     SamplingParams,
     StopStrings,
     TextAssembler,
+    new_sampler,
 )
 from .grammar import grammar_for
 from .kvstore import KvStore, SavedSequence
@@ -260,7 +261,7 @@ class Scheduler:
 
         temperature = self._gen.temperature if req.temperature is None else req.temperature
         try:
-            slot.sampler = Sampler(
+            slot.sampler = new_sampler(
                 SamplingParams(
                     temperature=temperature,
                     top_p=self._gen.top_p if req.top_p is None else req.top_p,

@@ -6,15 +6,30 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 
 import jsonschema
 import pytest
 
-from .conftest import Daemon, Probe, reply_text
+from .conftest import SMOLLM, Broker, Daemon, Probe, reply_text
 
 pytestmark = pytest.mark.usefixtures("daemon")
+
+
+@pytest.fixture(scope="module")
+def daemon(module_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The daemon with SmolLM2-135M on one thread: this module asks for a few thousand tokens,
+    and two llama.cpp threads on a busy two-core machine wait for each other far longer than
+    one thread computes."""
+    d = Daemon(
+        tmp_path_factory.mktemp("daemon"), module_broker, SMOLLM, QWEN_EDGE_MODEL__THREADS="1"
+    )
+    d.start()
+    yield d
+    d.stop()
+
 
 NAME = {"type": "string", "maxLength": 40}
 ADDRESS = {
@@ -298,6 +313,7 @@ def test_every_reply_to_a_schema_parses_and_validates(probe_factory: Any) -> Non
         value = json.loads(reply_text(msgs))
         jsonschema.validate(value, schema)
         tokens += msgs[-1]["usage"]["completion_tokens"]
+        print(f"{time.monotonic() - started:6.1f} s {reply_text(msgs)}")
     elapsed = time.monotonic() - started
     print(f"\n{len(SCHEMAS)} schemas: all valid, {tokens} tokens in {elapsed:.1f} s")
 
