@@ -328,7 +328,11 @@ def test_format_json_gives_a_json_object(probe_factory: Any) -> None:
 
 def test_reply_cut_short_by_max_tokens_ends_with_length(probe_factory: Any) -> None:
     dev = subscribed(probe_factory)
-    schema = {"type": "object", "properties": {"story": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"story": {"type": "string", "minLength": 100}},
+        "required": ["story"],
+    }
     msgs = ask(dev, "Tell me a long story.", format=schema, max_tokens=8, temperature=0)
     assert msgs[-1]["finish_reason"] == "length"
     with pytest.raises(ValueError):
