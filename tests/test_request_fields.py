@@ -11,9 +11,14 @@ from contextlib import closing
 from typing import Any
 
 import jsonschema
+import llama_cpp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from .conftest import SMOLLM, Broker, Daemon, Probe, reply_text
+from qwen_edge.grammar import UnsupportedSchema, grammar_for
+
+from .conftest import MODELS, SMOLLM, Broker, Daemon, Probe, reply_text
 
 pytestmark = pytest.mark.usefixtures("daemon")
 
@@ -357,6 +362,80 @@ def test_invalid_or_unsupported_schema_is_a_bad_request_alone(
     assert (err["type"], err["seq"], err["code"]) == ("error", 0, "bad_request")
     assert err["message"].startswith("format")
     assert says in err["message"]
+
+
+# Schemas built from what the grammar supports, and from what it does not.
+_leaves = st.sampled_from(
+    [
+        {},
+        {"type": "string"},
+        {"type": "integer"},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "string", "minLength": 2, "maxLength": 256},
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "format": "uuid"},
+        {"enum": ["a b", 1, None, "中文"]},
+        {"const": {"k": [1, 2.5]}},
+        {"type": ["string", "integer"]},
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": "^a$"},
+        {"type": "string", "format": "email"},
+        {"enum": ['"']},
+    ]
+)
+_names = st.text(alphabet='abc_-. 中"', min_size=1, max_size=6)
+_schemas = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.dictionaries(_names, inner, max_size=4).flatmap(
+            lambda props: st.fixed_dictionaries(
+                {
+                    "type": st.just("object"),
+                    "properties": st.just(props),
+                    "required": st.lists(st.sampled_from(sorted(props) or ["x"]), unique=True),
+                    "additionalProperties": st.sampled_from([False, True]),
+                }
+            )
+        )
+        | st.fixed_dictionaries(
+            {"type": st.just("array"), "items": inner},
+            optional={"minItems": st.integers(0, 300), "maxItems": st.integers(0, 300)},
+        )
+        | st.fixed_dictionaries({"anyOf": st.lists(inner, min_size=1, max_size=3)})
+        | st.fixed_dictionaries({"type": st.just("array"), "prefixItems": st.lists(inner)})
+    ),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab() -> Iterator[Any]:
+    """The Qwen2 vocabulary alone (152k tokens), without weights."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(
+        str(MODELS / "ggml-vocab-qwen2.gguf").encode(), params
+    )
+    assert model
+    yield llama_cpp.llama_model_get_vocab(model)
+    llama_cpp.llama_model_free(model)
+
+
+@settings(max_examples=150, deadline=None)
+@given(schema=_schemas)
+def test_every_accepted_schema_gives_a_grammar_llama_cpp_reads(
+    schema: dict[str, Any], qwen_vocab: Any
+) -> None:
+    try:
+        grammar = grammar_for(schema)
+    except UnsupportedSchema as exc:
+        assert str(exc)
+        return
+    sampler = llama_cpp.llama_sampler_init_grammar(qwen_vocab, grammar.encode(), b"root")
+    assert sampler, grammar
+    llama_cpp.llama_sampler_free(sampler)
 
 
 # -- stop --------------------------------------------------------------------------------------
