@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import unquote
 
+import jsonschema
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
 # Keywords that constrain nothing: dropped before conversion.
 ANNOTATIONS: Final = frozenset(
     {
@@ -63,18 +66,12 @@ def grammar_for(fmt: str | Mapping[str, Any]) -> str:
     return _schema_grammar(json.dumps(fmt, ensure_ascii=False, allow_nan=False))
 
 
-@functools.cache
 def _json_object_grammar() -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF
-
     return str(JSON_GBNF)
 
 
 @functools.lru_cache(maxsize=64)
 def _schema_grammar(text: str) -> str:
-    import jsonschema
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     schema = json.loads(text)
     validator = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
     try:
