@@ -643,7 +643,7 @@ def test_stop_strings_out_of_bounds_are_a_bad_request(stop: Any, where: str) -> 
 
 
 def test_model_refuses_a_lone_surrogate_in_a_stop_string() -> None:
-    with pytest.raises(ValidationError, match="stop.1"):
+    with pytest.raises(ValidationError, match=r"stop\.1"):
         ChatRequest(request_id="r1", message="hi", stop=["ok", "\udfff"])
 
 
