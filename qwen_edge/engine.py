@@ -151,6 +151,8 @@ class GrammarSampler(Sampler):
         if constrained:
             llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:  # never with a chain that ends in a pick
+            raise RuntimeError(f"the sampler chain selected {array.selected}")
         return int(array.data[array.selected].id)
 
     def close(self) -> None:

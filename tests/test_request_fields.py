@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from functools import partial
 from typing import Any
 
 import jsonschema
@@ -16,7 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qwen_edge.engine import Engine, GrammarSampler, Row, SamplingParams
 from qwen_edge.grammar import UnsupportedSchema, grammar_for
+from qwen_edge.settings import ModelSettings
 
 from .conftest import MODELS, SMOLLM, Broker, Daemon, Probe, reply_text
 
@@ -436,6 +439,54 @@ def test_every_accepted_schema_gives_a_grammar_llama_cpp_reads(
     sampler = llama_cpp.llama_sampler_init_grammar(qwen_vocab, grammar.encode(), b"root")
     assert sampler, grammar
     llama_cpp.llama_sampler_free(sampler)
+
+
+def _greedy_tokens(engine: Engine, message: str, sample: Any, limit: int = 80) -> list[int]:
+    engine.forget(0)
+    prompt = engine.chat_prompt([{"role": "user", "content": message}])
+    index = engine.decode([Row(0, prompt, 0, True)])[0]
+    tokens: list[int] = []
+    while len(tokens) < limit:
+        token = int(sample(index))
+        if engine.is_end(token):
+            break
+        tokens.append(token)
+        index = engine.decode([Row(0, (token,), len(prompt) + len(tokens) - 1, True)])[0]
+    return tokens
+
+
+def test_checking_only_the_picked_token_picks_what_masking_every_token_would() -> None:
+    """GrammarSampler lets the grammar check the chain's pick and masks the whole vocabulary
+    only when it refuses: with greedy sampling that must choose exactly the tokens a grammar
+    applied to every candidate chooses."""
+    engine = Engine(ModelSettings(path=SMOLLM, n_ctx=512, slots=1, threads=1))
+    try:
+        for message, schema in SCHEMAS[:4]:
+            grammar = grammar_for(schema)
+            checked = GrammarSampler(
+                SamplingParams(0, 1, 0, 0, 1, 0, 0, grammar), engine.n_vocab, engine.vocab
+            )
+            masked = llama_cpp.llama_sampler_chain_init(
+                llama_cpp.llama_sampler_chain_default_params()
+            )
+            llama_cpp.llama_sampler_chain_add(
+                masked,
+                llama_cpp.llama_sampler_init_grammar(engine.vocab, grammar.encode(), b"root"),
+            )
+            llama_cpp.llama_sampler_chain_add(masked, llama_cpp.llama_sampler_init_greedy())
+            try:
+                ours = _greedy_tokens(engine, message, partial(checked.sample, engine.ctx))
+                reference = _greedy_tokens(
+                    engine, message, partial(llama_cpp.llama_sampler_sample, masked, engine.ctx)
+                )
+            finally:
+                checked.close()
+                llama_cpp.llama_sampler_free(masked)
+            assert ours == reference
+            text = b"".join(engine.piece(t) for t in ours).decode()
+            jsonschema.validate(json.loads(text), schema)
+    finally:
+        engine.close()
 
 
 # -- stop --------------------------------------------------------------------------------------
