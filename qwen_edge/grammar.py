@@ -60,14 +60,10 @@ def grammar_for(fmt: str | Mapping[str, Any]) -> str:
     if isinstance(fmt, str):
         if fmt != "json":
             raise UnsupportedSchema('must be "json" or a JSON Schema object')
-        return _json_object_grammar()
+        return str(JSON_GBNF)  # llama.cpp's: any JSON object
     # Cached by the schema's text: intake converts a schema to refuse it early, the scheduler
     # converts it again when the request gets a slot.
     return _schema_grammar(json.dumps(fmt, ensure_ascii=False, allow_nan=False))
-
-
-def _json_object_grammar() -> str:
-    return str(JSON_GBNF)
 
 
 @functools.lru_cache(maxsize=64)
