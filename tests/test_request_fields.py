@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_edge.engine import Engine, GrammarSampler, Row, SamplingParams
+from qwen_edge.engine import Engine, GrammarSampler, Row, SamplingParams, quiet_llama_logs
 from qwen_edge.grammar import UnsupportedSchema, grammar_for
 from qwen_edge.settings import ModelSettings
 
@@ -416,6 +416,7 @@ _schemas = st.recursive(
 @pytest.fixture(scope="module")
 def qwen_vocab() -> Iterator[Any]:
     """The Qwen2 vocabulary alone (152k tokens), without weights."""
+    quiet_llama_logs()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(
