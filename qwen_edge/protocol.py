@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,12 +17,16 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 
 PROTOCOL_VERSION: Final = 1
 ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+MAX_STOPS: Final = 4
+MAX_STOP_CHARS: Final = 64
+MAX_CHUNK_MS: Final = 2000
 
 
 class ErrorCode(StrEnum):
@@ -71,6 +75,34 @@ class ChatRequest(BaseModel):
     top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
     seed: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] | None = None
     reset: bool = False
+    # "json": any JSON object; an object: a JSON Schema the reply must validate against.
+    format: Literal["json"] | dict[str, Any] | None = None
+    stop: (
+        Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]],
+            Field(max_length=MAX_STOPS),
+        ]
+        | None
+    ) = None
+    chunk_ms: Annotated[int, Field(ge=0, le=MAX_CHUNK_MS)] | None = None  # None: 0
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_is_json_or_a_schema(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if value != "json" and not isinstance(value, dict):
+            raise ValueError('must be "json" or a JSON Schema object')
+        # Converted here, so that a schema the grammar cannot enforce is refused before the
+        # request is accepted. Imported late: the grammar needs llama.cpp, and this module
+        # must stay importable without it.
+        from .grammar import UnsupportedSchema, grammar_for
+
+        try:
+            grammar_for(value)
+        except UnsupportedSchema as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     def model_post_init(self, context: Any, /) -> None:
         _utf8_encodable(self.message)

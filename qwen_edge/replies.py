@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -28,9 +29,13 @@ class ReplyStream:
 
     __slots__ = (
         "_chunk_head",
+        "_clock",
         "_correlation",
         "_journal",
+        "_last_chunk",
         "_on_end",
+        "_pace",
+        "_pending",
         "_publish",
         "ended",
         "request_id",
@@ -64,6 +69,16 @@ class ReplyStream:
         self._chunk_head = b'{"type":"chunk","request_id":%s,"seq":' % json.dumps(
             request_id
         ).encode("utf-8")
+        self._pace = 0.0  # seconds between chunks; 0: a chunk per piece of text
+        self._pending: list[str] = []  # text joined into the next paced chunk
+        self._last_chunk = float("-inf")
+        self._clock = time.monotonic
+
+    def pace(self, chunk_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """Send at most one chunk per `chunk_ms` milliseconds, joining the text between; the
+        rest goes out before done or error."""
+        self._pace = chunk_ms / 1000
+        self._clock = clock
 
     def _send(self, payload: bytes) -> None:
         if self._journal is not None:
@@ -96,6 +111,10 @@ class ReplyStream:
     def chunk(self, text: str) -> None:
         if self.ended:
             return
+        if self._pace:
+            text = self._paced(text)
+            if not text:
+                return
         payload = b'%s%d,"text":%s}' % (
             self._chunk_head,
             self.seq,
@@ -116,6 +135,7 @@ class ReplyStream:
         """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again."""
         if self.ended:
             return
+        self._flush()
         self._send_final(
             self._message(
                 "done",
@@ -138,9 +158,29 @@ class ReplyStream:
         """`retry_after`: seconds after which the same request would be accepted, if known."""
         if self.ended:
             return
+        self._flush()
         extra = {} if retry_after is None else {"retry_after": retry_after}
         self._send_final(self._message("error", code=code.value, message=message, **extra), code)
         self._ended()
+
+    def _paced(self, text: str) -> str:
+        """The text to send now: all pending text once `chunk_ms` has passed, else ""."""
+        self._pending.append(text)
+        now = self._clock()
+        if now - self._last_chunk < self._pace:
+            return ""
+        self._last_chunk = now
+        text = "".join(self._pending)
+        self._pending.clear()
+        return text
+
+    def _flush(self) -> None:
+        """Send the pending text of a paced reply; called only as it ends."""
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._pace = 0.0
+            self.chunk(text)
 
     def _ended(self) -> None:
         if self._on_end is not None:
