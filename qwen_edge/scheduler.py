@@ -420,9 +420,9 @@ class Scheduler:
         """The one way a request leaves its slot, however it ended."""
         gen = slot.gen
         assert gen is not None
+        self._end(gen.job)  # first: a node whose slots are free has no job left to cancel
         slot.gen = None
         gen.close()
-        self._end(gen.job)
 
     def _end_with_error(self, job: Job, code: ErrorCode, message: str) -> None:
         """End a job that holds no slot with an error."""

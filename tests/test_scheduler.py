@@ -232,6 +232,7 @@ def test_cancelling_a_running_job_ends_it_before_the_next_step(make: Make) -> No
     assert end["usage"]["completion_tokens"] == 6
     assert node.replies.text("long") == "x" * 6
     assert len(node.engine.steps) == 6  # no step after the cancel
+    node.wait_idle()
     assert node.scheduler.cancel("dev1", "long") is False  # ended: nothing left to cancel
     assert node.store.get(("dev1", "default")).turns == [("hi", "x" * 6)]
 
