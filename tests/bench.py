@@ -49,6 +49,7 @@ from .harness import (
     Broker,
     Daemon,
     free_port,
+    proc_status_kb,
     proxy_model,
 )
 
@@ -883,6 +884,10 @@ def ceiling_child(model: Path, threads: int, decode_tokens: int) -> None:
     r: dict[str, Any] = {"prefill_tokens_per_s": round(c.prefill(), 1)}
     r.update({k: round(v, 2) for k, v in c.single(33, decode_tokens).items()})
     r["wall_s"] = round(time.perf_counter() - t0, 2)
+    # While the model is loaded and has worked: anonymous pages must stay in RAM, file-backed
+    # ones (the mapped model) the kernel may drop and read again.
+    for key in ("RssAnon", "RssFile"):
+        r[f"rss_{key[3:].lower()}_mb"] = round(proc_status_kb(os.getpid(), key) / 1024, 1)
     r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     c.close()
     print(json.dumps(r))
@@ -906,7 +911,10 @@ def quant_runs(threads: int, rounds: int, decode_tokens: int) -> dict[str, Any]:
             ).stdout
             runs[q].append(json.loads(out.strip().splitlines()[-1]))
             log(f"round {i + 1}/{rounds} {q}: {runs[q][-1]}")
-    keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "first_token_ms", "peak_rss_mb")
+    keys = (
+        *("prefill_tokens_per_s", "decode_tokens_per_s", "first_token_ms"),
+        *("peak_rss_mb", "rss_anon_mb", "rss_file_mb"),
+    )
     result: dict[str, Any] = {}
     for q, path in models.items():
         result[q] = {"file_mb": round(path.stat().st_size / 2**20, 1), "runs": runs[q]}
@@ -920,13 +928,15 @@ def quant_runs(threads: int, rounds: int, decode_tokens: int) -> dict[str, Any]:
 def print_quants(quants: dict[str, Any], threads: int) -> None:
     print(f"\nquantisations of the Qwen2.5-0.5B proxy, {threads} threads, {cpu_info()['cpu']}")
     print(
-        f"{'quant':8} {'file MB':>8} {'peak RSS':>9} {'prefill t/s':>12} {'decode t/s':>11} "
+        f"{'quant':8} {'file MB':>8} {'peak RSS':>9} {'anon':>6} {'mapped':>7} "
+        f"{'prefill t/s':>12} {'decode t/s':>11} "
         f"{'decode vs Q4_K_M':>17}"
     )
     for q in QUANTS:
         r = quants[q]
         print(
-            f"{q:8} {r['file_mb']:>8} {r['peak_rss_mb']:>9} {r['prefill_tokens_per_s']:>12} "
+            f"{q:8} {r['file_mb']:>8} {r['peak_rss_mb']:>9} {r['rss_anon_mb']:>6} "
+            f"{r['rss_file_mb']:>7} {r['prefill_tokens_per_s']:>12} "
             f"{r['decode_tokens_per_s']:>11} {r['decode_vs_q4_k_m']:>17}"
         )
 
