@@ -61,8 +61,8 @@ SLOTS = 4
 N_BATCH = 128  # the daemon's default
 HISTORY_TOKENS = 1500
 SIMD_FLAGS = (
-    # x86
-    *("sse3", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
+    # x86 ("pni" is SSE3)
+    *("pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
     *("avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8"),
     # arm64
     *("asimd", "asimdhp", "asimddp", "fphp", "i8mm", "bf16", "sve", "sve2"),
@@ -78,21 +78,21 @@ def log(msg: str) -> None:
 
 def cpu_info() -> dict[str, Any]:
     """The CPU's model and SIMD features (/proc/cpuinfo) and what llama.cpp was built to use."""
-    name = platform.processor() or "unknown"
+    names: list[str] = []
     flags: set[str] = set()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
             key, _, value = line.partition(":")
             key = key.strip()
-            if key in ("model name", "Model") and name in ("unknown", platform.processor()):
-                name = value.strip()
+            if key in ("model name", "Model"):  # x86 and most ARM kernels; a Pi says "Model"
+                names.append(value.strip())
             elif key in ("flags", "Features"):
                 flags.update(value.split())
     import llama_cpp
 
     system_info = llama_cpp.llama_print_system_info()
     return {
-        "cpu": name,
+        "cpu": names[0] if names else platform.processor() or "unknown",
         "simd": [f for f in SIMD_FLAGS if f in flags],
         "cores": len(os.sched_getaffinity(0)),
         "arch": platform.machine(),

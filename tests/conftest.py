@@ -1,7 +1,8 @@
 """Fixtures over tests/harness.py (a mosquitto on a free port, the daemon as a process, a probe
 client, the models), and the `unit` marker for tests that run in-process.
 
-Test modules may import the harness names from here too (`from .conftest import Broker`).
+New code imports the harness from tests/harness.py; the names are re-exported here for the test
+modules that import them from conftest.
 """
 
 from __future__ import annotations
