@@ -28,7 +28,7 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
-from .fakeengine import open_fake
+from .fakeengine import FakeEngine, open_fake
 from .homeassistant import Announcer
 from .journal import RequestJournal
 from .limits import ClientLimits, Refusal
@@ -492,7 +492,7 @@ class Service:
         began = time.monotonic()
         try:
             # `fake://40ms`: no model, a token every 40 ms (scripts/bench --fleet).
-            engine: Engine | None = open_fake(s.model)
+            engine: Engine | FakeEngine | None = open_fake(s.model)
             if engine is None:
                 info = verify_model_file(s.model.path, sha256=s.model.sha256)
                 log.info(
@@ -639,7 +639,9 @@ class Service:
             pool is None or (pool.subscribed.is_set() and self._pool_proven)
         )
 
-    def _shutdown(self, scheduler: Scheduler, inference: threading.Thread, engine: Engine) -> None:
+    def _shutdown(
+        self, scheduler: Scheduler, inference: threading.Thread, engine: Engine | FakeEngine
+    ) -> None:
         assert self._link is not None
         began = time.monotonic()
         systemd_notify.notify("STOPPING=1", "STATUS=draining")
