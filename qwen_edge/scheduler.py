@@ -20,15 +20,12 @@ from .conversations import (
     ContextOverflow,
     ConversationKey,
     ConversationStore,
-    build_messages,
-    common_prefix,
     fit_prompt,
-    shared_start,
 )
 from .engine import DecodeError, EngineLike, GrammarError, Row, SamplingParams
 from .generation import Generation
 from .grammar import grammar_for
-from .kvstore import KvStore, SavedSequence
+from .kvstore import Slot, Slots
 from .protocol import ChatRequest, ErrorCode, FinishReason
 from .replies import ReplyStream
 from .settings import GenerationSettings
@@ -36,7 +33,6 @@ from .settings import GenerationSettings
 log = structlog.get_logger("qwen_edge.scheduler")
 
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between heartbeats
-KV_SAVE_MIN_TOKENS = 64  # shorter sequences are cheaper to recompute than to keep
 
 
 @dataclass(slots=True)
@@ -61,17 +57,6 @@ class Job:
         return (self.client_id, self.request.conversation_id)
 
 
-@dataclass(slots=True)
-class Slot:
-    """One KV sequence of the context: what it holds outlives the requests decoded in it."""
-
-    seq: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV the sequence holds
-    owner: ConversationKey | None = None  # the conversation those tokens belong to
-    public: int = 0  # leading tokens of `cached` that hold no client's content
-    gen: Generation | None = None  # the request decoding in it now
-
-
 class Scheduler:
     def __init__(
         self,
@@ -90,11 +75,7 @@ class Scheduler:
         self._queue_size = queue_size
         self._node = node
         self._model_name = model_name
-        self._slots = [Slot(seq=i) for i in range(engine.slots)]
-        # Leading tokens no client chose, of prompts with the node's system prompt (False) and
-        # with a client's own (True); rendered once, on first use.
-        self._leads: dict[bool, list[int]] = {}
-        self._kv = KvStore(kv_keep_bytes)
+        self._slots = Slots(engine, kv_keep_bytes, generation.system)
         self._waiting: deque[Job] = deque()
         self._jobs: dict[tuple[str, str], Job] = {}  # every accepted, unfinished job
         self._lock = threading.Lock()
@@ -119,7 +100,7 @@ class Scheduler:
                 return ErrorCode.DUPLICATE
             # A job being started has left the queue but not yet taken its slot: without
             # counting it, a burst arriving meanwhile would overfill the queue by one.
-            free = sum(1 for s in self._slots if s.gen is None) - self._starting
+            free = sum(1 for s in self._slots.all if s.gen is None) - self._starting
             if len(self._waiting) >= self._queue_size + free:
                 return ErrorCode.BUSY
             self._jobs[job.key] = job
@@ -149,7 +130,7 @@ class Scheduler:
     @property
     def load(self) -> tuple[int, int]:
         """(active slots, waiting jobs), read without locking for status reports."""
-        return sum(1 for s in self._slots if s.gen is not None), len(self._waiting)
+        return sum(1 for s in self._slots.all if s.gen is not None), len(self._waiting)
 
     # -- the inference thread ------------------------------------------------------------------
 
@@ -162,7 +143,7 @@ class Scheduler:
                     return
             except Exception:
                 log.exception("inference_fault")
-                for slot in self._slots:
+                for slot in self._slots.all:
                     if slot.gen is not None:
                         self._fail(slot, ErrorCode.INTERNAL, "internal error in the model loop")
 
@@ -170,7 +151,7 @@ class Scheduler:
         """One pass: admit, cancel, decode a step. True when stopped and drained."""
         self.heartbeat = time.monotonic()
         self._admit()
-        active = [s for s in self._slots if s.gen is not None]
+        active = [s for s in self._slots.all if s.gen is not None]
         if self._closing and self.heartbeat >= self._drain_deadline:
             for slot in active:
                 assert slot.gen is not None
@@ -193,7 +174,7 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             with self._lock:
-                free = [s for s in self._slots if s.gen is None]
+                free = [s for s in self._slots.all if s.gen is None]
                 if not self._waiting or not (free or self._closing):
                     return
                 job = self._waiting.popleft()
@@ -239,15 +220,9 @@ class Scheduler:
             self._end_with_error(job, ErrorCode.INTERNAL, f"could not build the prompt: {exc}")
             return
 
-        public = common_prefix(prompt, self._lead(client_system=system is not None))
-        slot, reusable = self._take_slot(job.conversation, prompt, public, free)
-        # At least one token must be evaluated for logits.
-        keep = min(reusable, len(prompt) - 1)
-        self._engine.forget(slot.seq, keep)
-        del slot.cached[keep:]
-
-        slot.public = public
-
+        slot, keep = self._slots.take(
+            job.conversation, prompt, free, client_system=system is not None
+        )
         temperature = self._gen.temperature if req.temperature is None else req.temperature
         try:
             sampler = self._engine.new_sampler(
@@ -270,75 +245,6 @@ class Scheduler:
         slot.gen = Generation(
             job, prompt, sampler, reused=keep, max_tokens=max_tokens, system=system, dropped=dropped
         )
-
-    def _take_slot(
-        self, key: ConversationKey, prompt: list[int], public: int, free: list[Slot]
-    ) -> tuple[Slot, int]:
-        """A free slot for conversation `key`, holding as much of its KV as can be had, and
-        how many leading tokens of `prompt` it holds (`public`: how many hold no client content).
-
-        Best: the slot that still holds this conversation. Else its saved KV is restored into a
-        free slot, or, with none saved, the slot with the most reusable prefix is used (see
-        _reusable). The KV of the conversation that held the slot before is saved first.
-        """
-        for slot in free:
-            if slot.owner == key:
-                return slot, common_prefix(slot.cached, prompt)
-        saved = self._kv.take(key)  # only ever this very conversation's
-        reusable = 0
-        if saved is None:
-            slot = max(
-                free, key=lambda s: (self._reusable(s, key[0], prompt, public), s.owner is None)
-            )
-            reusable = self._reusable(slot, key[0], prompt, public)
-        else:
-            slot = min(free, key=lambda s: (s.owner is not None, len(s.cached)))
-        if slot.owner is not None and len(slot.cached) >= KV_SAVE_MIN_TOKENS:
-            self._kv.drop(slot.owner)
-            if self._kv.make_room(self._engine.seq_state_size(slot.seq)):
-                state = self._engine.save_seq(slot.seq)
-                self._kv.put(slot.owner, SavedSequence(tuple(slot.cached), state))
-        slot.owner = key
-        if saved is not None:
-            slot.cached = []  # the old owner's cells go whether or not the restore works
-            if self._engine.restore_seq(slot.seq, saved.state):
-                slot.cached = list(saved.tokens)
-                reusable = common_prefix(slot.cached, prompt)
-            else:
-                log.warning("kv_restore_failed", conversation_id=key[1])
-        return slot, reusable
-
-    @staticmethod
-    def _reusable(slot: Slot, client_id: str, prompt: list[int], public: int) -> int:
-        """Leading tokens of `prompt` whose KV `slot` may lend it.
-
-        Any shared prefix within one client. Across clients only what holds no client content
-        in either prompt (the template and the node's system prompt): otherwise the reused
-        count, reported as cached_tokens and visible in the first chunk's delay, would tell a
-        client how far another's prompt matches a guess.
-        """
-        shared = common_prefix(slot.cached, prompt)
-        if slot.owner is not None and slot.owner[0] == client_id:
-            return shared
-        return min(shared, public, slot.public)
-
-    def _lead(self, *, client_system: bool) -> list[int]:
-        """The tokens no client chose that begin every prompt rendered with the node's system
-        prompt (`client_system` False) or with one a client set (the template's part before it)."""
-        lead = self._leads.get(client_system)
-        if lead is None:
-            node = self._gen.system
-            if client_system:  # two prompts differing only in the system prompt
-                variants = [build_messages("A", [], "A"), build_messages("B", [], "A")]
-            else:  # two prompts differing only in the client's message
-                variants = [build_messages(node, [], "A"), build_messages(node, [], "B")]
-            try:
-                lead = shared_start(self._engine.chat_prompt, variants)
-            except Exception as exc:  # a template that refuses them: nothing is shared
-                log.warning("template_lead_failed", error=str(exc))
-                lead = []
-            self._leads[client_system] = lead
-        return lead
 
     def _step(self, active: list[Slot]) -> None:
         budget = self._engine.n_batch
@@ -410,10 +316,7 @@ class Scheduler:
         """End the slot's request with an error and forget its KV, which may be half written."""
         assert slot.gen is not None
         self._report_error(slot.gen.job, code, message)
-        self._engine.forget(slot.seq)
-        slot.cached.clear()
-        slot.public = 0
-        slot.owner = None
+        self._slots.forget(slot)
         self._release(slot)
 
     def _release(self, slot: Slot) -> None:
