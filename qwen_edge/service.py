@@ -70,6 +70,8 @@ class Service:
             else None
         )
         self.model_name = settings.model.display_name
+        # What the engine runs: model.memory_mb may give it fewer slots than model.slots.
+        self.slots = settings.model.slots
         self.version = package_version()
         self._stop = threading.Event()
         self._started = time.monotonic()
@@ -108,9 +110,7 @@ class Service:
             if self._scheduler is None:
                 self._link.publish_status(self._status("starting", pid=os.getpid()))
             else:
-                self._link.publish_status(
-                    self._status("online", slots=self.settings.model.slots, pid=os.getpid())
-                )
+                self._link.publish_status(self._status("online", slots=self.slots, pid=os.getpid()))
 
     # -- intake (paho network thread) ----------------------------------------------------------
 
@@ -364,6 +364,7 @@ class Service:
             self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
             state.close()
             return EXIT_MODEL
+        self.slots = engine.slots
         log.info(
             "model_loaded",
             model=self.model_name,
@@ -379,7 +380,7 @@ class Service:
             store=conversations,
             generation=s.generation,
             queue_size=s.model.queue_size,
-            kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
+            kv_keep_bytes=engine.kv_keep_bytes,
             node=s.node_id,
             model_name=self.model_name,
         )
@@ -474,7 +475,7 @@ class Service:
                         "node": self.settings.node_id,
                         "model": self.model_name,
                         "uptime_s": round(time.monotonic() - self._started, 1),
-                        "slots": self.settings.model.slots,
+                        "slots": self.slots,
                         "active_slots": active,
                         "queue_depth": queued,
                         "tokens_per_s": round(rate, 2),

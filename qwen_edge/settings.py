@@ -151,6 +151,13 @@ class ModelSettings(_Section):
     kv_cache_type: Literal["f16", "q8_0"] = Field(
         "f16", description="KV cache precision; q8_0 halves its memory (needs flash_attn)."
     )
+    memory_mb: int | None = Field(
+        None,
+        ge=64,
+        le=1048576,
+        description="Memory budget of the daemon (MiB): it then picks KV precision, kept-KV store, "
+        "slots and n_ctx (at most as set) to fit, and logs the choice; unset: as set.",
+    )
 
     @field_validator("sha256")
     @classmethod

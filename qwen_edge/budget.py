@@ -1,0 +1,104 @@
+"""What a node's memory goes to, and what it runs within a budget (`model.memory_mb`).
+
+A pure function of the settings and two facts of the model file (its size, and how many K and V
+values one token holds in the cache), so that the daemon and `qwen-edge doctor` make the same
+choice and tests can check it without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .settings import ModelSettings
+
+MIB: Final = 1024 * 1024
+# What the daemon holds beyond the model file, the KV cache and the kept KV store, measured on the
+# Qwen2.5-0.5B Q4_K_M proxy after a 4-stream load (docs/performance.md, "Memory"): Python and its
+# libraries (~60 MB), llama.cpp's repacked copy of some weights (~28 MB), compute and output
+# buffers (~12 MB at n_batch 128).
+RUNTIME_OVERHEAD: Final = 100 * MIB
+# Bytes per KV cache element: q8_0 is 32 values in 34 bytes.
+KV_ELEMENT_BYTES: Final[dict[str, float]] = {"f16": 2.0, "q8_0": 34 / 32}
+# The smallest context a budget may shrink a conversation's window to (tokens).
+MIN_CTX: Final = 512
+
+KvType = Literal["f16", "q8_0"]
+
+
+class BudgetError(ValueError):
+    """Nothing fits the budget; the message names the setting and what would fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    """Slots, context, KV precision and kept-KV store the node runs with, and what they cost."""
+
+    slots: int
+    n_ctx: int  # tokens per conversation
+    kv_cache_type: KvType
+    kv_keep_mb: int
+    model_bytes: int
+    kv_bytes: int  # the KV cache of every slot
+    budget_mb: int | None  # model.memory_mb, None: the settings as they are
+
+    @property
+    def need_bytes(self) -> int:
+        return self.model_bytes + self.kv_bytes + self.kv_keep_mb * MIB + RUNTIME_OVERHEAD
+
+    def describe(self) -> str:
+        """One line for the log and doctor, e.g. '4 slots x 4096 tokens, KV q8_0 102 MiB, ...'."""
+        return (
+            f"{self.slots} slots x {self.n_ctx} tokens, KV {self.kv_cache_type} "
+            f"{self.kv_bytes / MIB:.0f} MiB, kept KV {self.kv_keep_mb} MiB, "
+            f"model {self.model_bytes / MIB:.0f} MiB, runtime {RUNTIME_OVERHEAD / MIB:.0f} MiB: "
+            f"~{self.need_bytes / MIB:.0f} MiB"
+        )
+
+
+def kv_cache_bytes(kv_elements_per_token: int, kv_type: str, slots: int, n_ctx: int) -> int:
+    return int(slots * n_ctx * kv_elements_per_token * KV_ELEMENT_BYTES[kv_type])
+
+
+def plan_memory(model: ModelSettings, model_bytes: int, kv_elements_per_token: int) -> MemoryPlan:
+    """The settings as they are without `memory_mb`; with it, the most of them that fits.
+
+    slots, n_ctx and kv_keep_mb are then upper bounds. What gives way first costs least: the KV
+    cache goes to q8_0 (half the memory, a few per cent of decode speed; needs flash attention),
+    then the kept-KV store shrinks to what is left (follow-up turns of conversations that lost
+    their slot re-read their history), then slots go (fewer concurrent replies), and last the
+    context window halves, down to MIN_CTX tokens.
+    """
+
+    def make(kv_type: KvType, slots: int, n_ctx: int, keep_mb: int) -> MemoryPlan:
+        kv = kv_cache_bytes(kv_elements_per_token, kv_type, slots, n_ctx)
+        return MemoryPlan(slots, n_ctx, kv_type, keep_mb, model_bytes, kv, model.memory_mb)
+
+    wanted = make(model.kv_cache_type, model.slots, model.n_ctx, model.kv_keep_mb)
+    if model.memory_mb is None:
+        return wanted
+    budget = model.memory_mb * MIB
+    if wanted.need_bytes <= budget:
+        return wanted
+
+    kv_type: KvType = "q8_0" if model.flash_attn else model.kv_cache_type
+    q8 = make(kv_type, model.slots, model.n_ctx, model.kv_keep_mb)
+    if q8.need_bytes <= budget:
+        return q8
+    # From here the kept-KV store gets whatever is left, up to kv_keep_mb.
+    n_ctx = model.n_ctx
+    candidates = [(slots, n_ctx) for slots in range(model.slots, 0, -1)]
+    while n_ctx > MIN_CTX:
+        n_ctx = max(MIN_CTX, n_ctx // 2)
+        candidates.append((1, n_ctx))
+    for slots, ctx in candidates:
+        bare = make(kv_type, slots, ctx, 0)
+        spare_mb = (budget - bare.need_bytes) // MIB
+        if spare_mb >= 0:
+            return make(kv_type, slots, ctx, min(model.kv_keep_mb, spare_mb))
+    smallest = make(kv_type, 1, min(model.n_ctx, MIN_CTX), 0)
+    raise BudgetError(
+        f"invalid setting QWEN_EDGE_MODEL__MEMORY_MB: {model.memory_mb} MiB does not hold "
+        f"{model.path.name} with even 1 slot x {smallest.n_ctx} tokens (needs "
+        f"~{-(-smallest.need_bytes // MIB)} MiB); raise it or use a smaller model"
+    )
