@@ -20,6 +20,8 @@ MIB: Final = 1024 * 1024
 RUNTIME_OVERHEAD: Final = 100 * MIB
 # Bytes per KV cache element: q8_0 is 32 values in 34 bytes.
 KV_ELEMENT_BYTES: Final[dict[str, float]] = {"f16": 2.0, "q8_0": 34 / 32}
+# llama.cpp quantises K and V by rows of a head: q8_0 blocks of 32 must divide its width.
+Q8_0_BLOCK: Final = 32
 # The smallest context a budget may shrink a conversation's window to (tokens).
 MIN_CTX: Final = 512
 
@@ -60,8 +62,13 @@ def kv_cache_bytes(kv_elements_per_token: int, kv_type: str, slots: int, n_ctx: 
     return int(slots * n_ctx * kv_elements_per_token * KV_ELEMENT_BYTES[kv_type])
 
 
-def plan_memory(model: ModelSettings, model_bytes: int, kv_elements_per_token: int) -> MemoryPlan:
+def plan_memory(
+    model: ModelSettings, model_bytes: int, kv_elements_per_token: int, head_dim: int
+) -> MemoryPlan:
     """The settings as they are without `memory_mb`; with it, the most of them that fits.
+
+    `kv_elements_per_token`: K and V values of every layer for one token; `head_dim`: the width
+    of a K or V head (q8_0 needs a multiple of 32).
 
     slots, n_ctx and kv_keep_mb are then upper bounds. What gives way first costs least: the KV
     cache goes to q8_0 (half the memory, a few per cent of decode speed; needs flash attention),
@@ -81,7 +88,8 @@ def plan_memory(model: ModelSettings, model_bytes: int, kv_elements_per_token: i
     if wanted.need_bytes <= budget:
         return wanted
 
-    kv_type: KvType = "q8_0" if model.flash_attn else model.kv_cache_type
+    q8_possible = model.flash_attn and head_dim % Q8_0_BLOCK == 0
+    kv_type: KvType = "q8_0" if q8_possible else model.kv_cache_type
     q8 = make(kv_type, model.slots, model.n_ctx, model.kv_keep_mb)
     if q8.need_bytes <= budget:
         return q8

@@ -75,6 +75,7 @@ class Check:
 class ModelFacts:
     size: int  # bytes
     kv_elements_per_token: int  # K and V values of every layer for one token
+    head_dim: int = 64  # width of a K/V head (model.memory_mb may choose q8_0 if 32 divides it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +397,7 @@ def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
         head_dim = num("attention.key_length") or (embd // heads if heads else 0)
     finally:
         llama_cpp.llama_model_free(model)
-    return ModelFacts(path.stat().st_size, 2 * layers * kv_heads * head_dim)
+    return ModelFacts(path.stat().st_size, 2 * layers * kv_heads * head_dim, head_dim)
 
 
 def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
@@ -598,7 +599,7 @@ def check_memory(
         "set memory_mb to fit, or use a smaller model"
     )
     try:
-        plan = plan_memory(model, facts.size, facts.kv_elements_per_token)
+        plan = plan_memory(model, facts.size, facts.kv_elements_per_token, facts.head_dim)
     except BudgetError as exc:
         return Check("memory", Level.FAIL, str(exc), "raise [model] memory_mb")
     need = plan.need_bytes

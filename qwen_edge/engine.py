@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,20 +137,22 @@ def quiet_llama_logs() -> None:
     llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
 
 
-def _kv_elements_per_token(model: Any) -> int:
-    """K and V values one token holds in the cache, over every layer, from the GGUF metadata."""
+def _kv_shape(model: Any) -> tuple[int, int]:
+    """(K and V values one token holds in the cache over every layer, K/V head width), from the
+    GGUF metadata; the width is the gcd of K's and V's should they differ."""
     layers = int(llama_cpp.llama_model_n_layer(model))
     heads = int(llama_cpp.llama_model_n_head(model))
     kv_heads = int(llama_cpp.llama_model_n_head_kv(model)) or heads
     width = int(llama_cpp.llama_model_n_embd(model))
+    arch = _meta(model, "general.architecture") or ""
 
     def head_dim(key: str) -> int:
         # Most models' heads are width / heads wide; a few (Gemma, Qwen3) say otherwise.
-        arch = _meta(model, "general.architecture") or ""
         value = _meta(model, f"{arch}.attention.{key}")
         return int(value) if value and value.isdigit() else width // max(heads, 1)
 
-    return layers * kv_heads * (head_dim("key_length") + head_dim("value_length"))
+    k, v = head_dim("key_length"), head_dim("value_length")
+    return layers * kv_heads * (k + v), math.gcd(k, v)
 
 
 def _meta(model: Any, key: str) -> str | None:
@@ -178,9 +181,7 @@ class Engine:
             raise ModelError(f"model file {settings.path}: llama.cpp could not load it")
         self._model = model
         try:
-            self.plan = plan_memory(
-                settings, settings.path.stat().st_size, _kv_elements_per_token(model)
-            )
+            self.plan = plan_memory(settings, settings.path.stat().st_size, *_kv_shape(model))
         except (BudgetError, OSError) as exc:
             llama_cpp.llama_model_free(model)
             raise ModelError(str(exc)) from None
