@@ -20,7 +20,7 @@ MIB: Final = 1024 * 1024
 RUNTIME_OVERHEAD: Final = 100 * MIB
 # Bytes per KV cache element: q8_0 is 32 values in 34 bytes.
 KV_ELEMENT_BYTES: Final[dict[str, float]] = {"f16": 2.0, "q8_0": 34 / 32}
-# llama.cpp quantises K and V by rows of a head: q8_0 blocks of 32 must divide its width.
+# q8_0 blocks of 32 values must divide a K/V head's width.
 Q8_0_BLOCK: Final = 32
 # The smallest context a budget may shrink a conversation's window to (tokens).
 MIN_CTX: Final = 512
@@ -65,7 +65,8 @@ def kv_cache_bytes(kv_elements_per_token: int, kv_type: str, slots: int, n_ctx: 
 def plan_memory(
     model: ModelSettings, model_bytes: int, kv_elements_per_token: int, head_dim: int
 ) -> MemoryPlan:
-    """The settings as they are without `memory_mb`; with it, the most of them that fits.
+    """The settings as they are without `memory_mb` (a q8_0 KV cache llama.cpp cannot make
+    becomes f16); with it, the most of them that fits.
 
     `kv_elements_per_token`: K and V values of every layer for one token; `head_dim`: the width
     of a K or V head (q8_0 needs a multiple of 32).
@@ -81,15 +82,17 @@ def plan_memory(
         kv = kv_cache_bytes(kv_elements_per_token, kv_type, slots, n_ctx)
         return MemoryPlan(slots, n_ctx, kv_type, keep_mb, model_bytes, kv, model.memory_mb)
 
-    wanted = make(model.kv_cache_type, model.slots, model.n_ctx, model.kv_keep_mb)
+    # llama.cpp quantises V only with flash attention, and K and V by whole blocks of a head.
+    q8_possible = model.flash_attn and head_dim % Q8_0_BLOCK == 0
+    wanted_type: KvType = model.kv_cache_type if q8_possible else "f16"
+    wanted = make(wanted_type, model.slots, model.n_ctx, model.kv_keep_mb)
     if model.memory_mb is None:
         return wanted
     budget = model.memory_mb * MIB
     if wanted.need_bytes <= budget:
         return wanted
 
-    q8_possible = model.flash_attn and head_dim % Q8_0_BLOCK == 0
-    kv_type: KvType = "q8_0" if q8_possible else model.kv_cache_type
+    kv_type: KvType = "q8_0" if q8_possible else "f16"
     q8 = make(kv_type, model.slots, model.n_ctx, model.kv_keep_mb)
     if q8.need_bytes <= budget:
         return q8

@@ -595,8 +595,8 @@ def check_memory(
     runtime) against this device's memory and the systemd unit's MemoryMax=. `daemon_rss`:
     memory a running daemon already holds, which it would give back on a restart."""
     fix = (
-        'lower [model] slots or n_ctx, set kv_cache_type = "q8_0" or kv_keep_mb = 0, '
-        "set memory_mb to fit, or use a smaller model"
+        "set [model] memory_mb to what the node may use, lower slots, n_ctx or kv_keep_mb, "
+        "or use a smaller model"
     )
     try:
         plan = plan_memory(model, facts.size, facts.kv_elements_per_token, facts.head_dim)
@@ -614,7 +614,8 @@ def check_memory(
     )
     parts = (
         f"{chose}needs ~{need / MIB:.0f} MiB (model {facts.size / MIB:.0f}, KV cache "
-        f"{plan.kv_bytes / MIB:.0f} for {plan.slots} x {plan.n_ctx} tokens, kept KV "
+        f"{plan.kv_bytes / MIB:.0f} for {plan.slots} x {plan.n_ctx} tokens {plan.kv_cache_type}, "
+        "kept KV "
         f"{plan.kv_keep_mb}, runtime {RUNTIME_OVERHEAD / MIB:.0f}); "
         f"{available / MIB:.0f} of {total / MIB:.0f} MiB available"
     )

@@ -28,7 +28,8 @@ QWEN_05B_KV = 2 * 24 * 2 * 64
 
 
 def test_without_a_budget_the_settings_are_used_as_they_are() -> None:
-    p = plan_memory(ModelSettings(slots=4, n_ctx=4096), QWEN_05B_BYTES, QWEN_05B_KV, 64)
+    settings = ModelSettings(slots=4, n_ctx=4096, kv_cache_type="f16", kv_keep_mb=64)
+    p = plan_memory(settings, QWEN_05B_BYTES, QWEN_05B_KV, 64)
     assert (p.slots, p.n_ctx, p.kv_cache_type, p.kv_keep_mb) == (4, 4096, "f16", 64)
     assert p.budget_mb is None
     # 12 KiB a token in F16: 4 x 4,096 tokens are 192 MiB.
@@ -37,13 +38,14 @@ def test_without_a_budget_the_settings_are_used_as_they_are() -> None:
 
 
 def test_a_budget_that_holds_the_settings_changes_nothing() -> None:
-    p = plan_memory(ModelSettings(slots=4, memory_mb=2000), QWEN_05B_BYTES, QWEN_05B_KV, 64)
+    settings = ModelSettings(slots=4, kv_cache_type="f16", kv_keep_mb=64, memory_mb=2000)
+    p = plan_memory(settings, QWEN_05B_BYTES, QWEN_05B_KV, 64)
     assert (p.slots, p.n_ctx, p.kv_cache_type, p.kv_keep_mb) == (4, 4096, "f16", 64)
     assert p.budget_mb == 2000
 
 
 def test_a_tighter_budget_gives_up_kv_precision_first() -> None:
-    settings = ModelSettings(slots=4, memory_mb=700)
+    settings = ModelSettings(slots=4, kv_cache_type="f16", kv_keep_mb=64, memory_mb=700)
     p = plan_memory(settings, QWEN_05B_BYTES, QWEN_05B_KV, 64)
     assert (p.slots, p.n_ctx, p.kv_cache_type, p.kv_keep_mb) == (4, 4096, "q8_0", 64)
     assert p.kv_bytes == kv_cache_bytes(QWEN_05B_KV, "q8_0", 4, 4096) == 102 * MIB
@@ -79,12 +81,13 @@ def test_then_the_kept_kv_store_then_slots_then_context() -> None:
 
 
 def test_without_flash_attention_the_kv_cache_stays_f16() -> None:
-    # llama.cpp cannot quantise V without flash attention.
-    p = plan_memory(
-        ModelSettings(slots=4, memory_mb=700, flash_attn=False), QWEN_05B_BYTES, QWEN_05B_KV, 64
-    )
-    assert p.kv_cache_type == "f16"
-    assert p.slots < 4 or p.kv_keep_mb < 64
+    # llama.cpp cannot quantise V without flash attention, so slots give way instead.
+    settings = ModelSettings(slots=4, kv_keep_mb=64, memory_mb=600, flash_attn=False)
+    p = plan_memory(settings, QWEN_05B_BYTES, QWEN_05B_KV, 64)
+    assert (p.slots, p.kv_cache_type) == (2, "f16")
+    assert 0 < p.kv_keep_mb < 64
+    # Nor can it quantise heads whose width 32 does not divide; without a budget either.
+    assert plan_memory(ModelSettings(), QWEN_05B_BYTES, QWEN_05B_KV, 80).kv_cache_type == "f16"
 
 
 def test_a_budget_too_small_for_the_model_names_the_setting() -> None:
@@ -95,7 +98,7 @@ def test_a_budget_too_small_for_the_model_names_the_setting() -> None:
 
 def test_a_2_gb_pi_runs_four_slots_of_the_real_model_in_1200_mb() -> None:
     p = plan_memory(ModelSettings(slots=4, memory_mb=1200), QWEN_05B_BYTES, QWEN_05B_KV, 64)
-    assert (p.slots, p.n_ctx, p.kv_keep_mb) == (4, 4096, 64)
+    assert (p.slots, p.n_ctx, p.kv_cache_type, p.kv_keep_mb) == (4, 4096, "q8_0", 32)
     assert p.need_bytes <= 1200 * MIB
 
 
@@ -163,9 +166,9 @@ def test_doctor_says_what_the_budget_chose() -> None:
     mem = meminfo("MemTotal: 1900000 kB\nMemAvailable: 1500000 kB\n")
     check = check_memory(ModelSettings(slots=4, memory_mb=700), facts, mem)
     assert check.detail.startswith(
-        "memory_mb 700 -> 4 slots x 4096 tokens, KV q8_0, kept KV 64 MiB; needs ~"
+        "memory_mb 700 -> 4 slots x 4096 tokens, KV q8_0, kept KV 32 MiB; needs ~"
     )
-    assert "KV cache 102 for 4 x 4096 tokens" in check.detail
+    assert "KV cache 102 for 4 x 4096 tokens q8_0" in check.detail
     too_small = check_memory(ModelSettings(memory_mb=300), facts, mem)
     assert "QWEN_EDGE_MODEL__MEMORY_MB" in too_small.detail
     assert too_small.fix == "raise [model] memory_mb"
