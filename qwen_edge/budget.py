@@ -13,11 +13,12 @@ from typing import Final, Literal
 from .settings import ModelSettings
 
 MIB: Final = 1024 * 1024
-# What the daemon holds beyond the model file, the KV cache and the kept KV store, measured on the
-# Qwen2.5-0.5B Q4_K_M proxy after a 4-stream load (docs/performance.md, "Memory"): Python and its
-# libraries (~60 MB), llama.cpp's repacked copy of some weights (~28 MB), compute and output
-# buffers (~12 MB at n_batch 128).
-RUNTIME_OVERHEAD: Final = 100 * MIB
+# What the daemon holds beyond the model file, the KV cache and the kept-KV store, measured on the
+# Qwen2.5-0.5B Q4_K_M proxy, 4 slots, n_batch 128 (docs/performance.md, "Memory"): llama.cpp's
+# vocabulary (~46 MiB for Qwen's 151,936 tokens), Python and its libraries (~36 MiB), their
+# shared libraries' pages (~28 MiB), the repacked copy of some weights (~28 MiB), compute and
+# output buffers (~12 MiB). Rounded up: a budget is a ceiling.
+RUNTIME_OVERHEAD: Final = 150 * MIB
 # Bytes per KV cache element: q8_0 is 32 values in 34 bytes.
 KV_ELEMENT_BYTES: Final[dict[str, float]] = {"f16": 2.0, "q8_0": 34 / 32}
 # q8_0 blocks of 32 values must divide a K/V head's width.

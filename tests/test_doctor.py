@@ -404,7 +404,7 @@ def test_memory_estimate_matches_the_measured_daemon() -> None:
     check = check_memory(settings, QWEN_05B, meminfo(MEMINFO))
     assert check.level is Level.OK
     assert "KV cache 192 for 4 x 4096 tokens f16" in check.detail
-    assert check.detail.startswith("needs ~756 MiB")
+    assert check.detail.startswith("needs ~806 MiB")
     q8 = check_memory(ModelSettings(slots=4, n_ctx=4096, kv_cache_type="q8_0"), QWEN_05B, {})
     assert q8.level is Level.WARN  # no /proc/meminfo
     half = check_memory(

@@ -82,7 +82,7 @@ def test_then_the_kept_kv_store_then_slots_then_context() -> None:
 
 def test_without_flash_attention_the_kv_cache_stays_f16() -> None:
     # llama.cpp cannot quantise V without flash attention, so slots give way instead.
-    settings = ModelSettings(slots=4, kv_keep_mb=64, memory_mb=600, flash_attn=False)
+    settings = ModelSettings(slots=4, kv_keep_mb=64, memory_mb=650, flash_attn=False)
     p = plan_memory(settings, QWEN_05B_BYTES, QWEN_05B_KV, 64)
     assert (p.slots, p.kv_cache_type) == (2, "f16")
     assert 0 < p.kv_keep_mb < 64
