@@ -21,6 +21,7 @@ from qwen_edge.doctor import ModelFacts, check_memory, meminfo
 from qwen_edge.settings import ModelSettings
 
 from .conftest import QWEN_TINY, Broker, Daemon
+from .test_doctor import doctor
 
 # Qwen2.5-0.5B-Instruct Q4_K_M: 379 MB, 24 layers x 2 KV heads x 64 dims, K and V.
 QWEN_05B_BYTES = 379 * 1000 * 1000
@@ -179,17 +180,16 @@ def test_the_daemon_runs_what_memory_mb_lets_it(broker: Broker, tmp_path: Path) 
     # token (its 16-wide heads cannot be q8_0). 8 slots x 32,768 tokens would need 64 MiB of KV;
     # a budget of model + runtime + 20 MiB holds fewer slots.
     budget = int(QWEN_TINY.stat().st_size / MIB + RUNTIME_OVERHEAD / MIB + 20)
-    d = Daemon(
-        tmp_path / "node",
-        broker,
-        QWEN_TINY,
-        QWEN_EDGE_MODEL__SLOTS="8",
-        QWEN_EDGE_MODEL__N_CTX="32768",
-        QWEN_EDGE_MODEL__MEMORY_MB=str(budget),
-    )
+    settings = {
+        "QWEN_EDGE_MODEL__SLOTS": "8",
+        "QWEN_EDGE_MODEL__N_CTX": "32768",
+        "QWEN_EDGE_MODEL__MEMORY_MB": str(budget),
+    }
+    d = Daemon(tmp_path / "node", broker, QWEN_TINY, **settings)
     d.start()
     try:
         events = d.log_events()
+        _, checks, _ = doctor(broker.port, QWEN_EDGE_MODEL__PATH=str(QWEN_TINY), **settings)
     finally:
         d.stop()
     chosen = next(e for e in events if e.get("event") == "memory_plan")
@@ -214,3 +214,8 @@ def test_the_daemon_runs_what_memory_mb_lets_it(broker: Broker, tmp_path: Path) 
     loaded = next(e for e in events if e.get("event") == "model_loaded")
     assert loaded["slots"] == expected.slots
     assert loaded["n_ctx_seq"] == expected.n_ctx
+    # doctor reads the same file and says the same.
+    assert checks["memory"]["detail"].startswith(
+        f"memory_mb {budget} -> {expected.slots} slots x {expected.n_ctx} tokens, KV f16, "
+        f"kept KV {expected.kv_keep_mb} MiB; needs ~{round(expected.need_bytes / MIB)} MiB"
+    )
