@@ -49,13 +49,15 @@ class MemoryPlan:
     def need_bytes(self) -> int:
         return self.model_bytes + self.kv_bytes + self.kv_keep_mb * MIB + RUNTIME_OVERHEAD
 
-    def describe(self) -> str:
-        """One line for the log and doctor, e.g. '4 slots x 4096 tokens, KV q8_0 102 MiB, ...'."""
-        return (
-            f"{self.slots} slots x {self.n_ctx} tokens, KV {self.kv_cache_type} "
-            f"{self.kv_bytes / MIB:.0f} MiB, kept KV {self.kv_keep_mb} MiB, "
-            f"model {self.model_bytes / MIB:.0f} MiB, runtime {RUNTIME_OVERHEAD / MIB:.0f} MiB: "
-            f"~{self.need_bytes / MIB:.0f} MiB"
+    def apply(self, model: ModelSettings) -> ModelSettings:
+        """`model` with what this plan chose."""
+        return model.model_copy(
+            update={
+                "slots": self.slots,
+                "n_ctx": self.n_ctx,
+                "kv_cache_type": self.kv_cache_type,
+                "kv_keep_mb": self.kv_keep_mb,
+            }
         )
 
 

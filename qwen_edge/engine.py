@@ -197,7 +197,6 @@ class Engine:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.slots = self.plan.slots
-        self.kv_keep_bytes = self.plan.kv_keep_mb * MIB
         self.n_batch = settings.n_batch
 
         threads = settings.threads or len(os.sched_getaffinity(0))

@@ -70,8 +70,6 @@ class Service:
             else None
         )
         self.model_name = settings.model.display_name
-        # What the engine runs: model.memory_mb may give it fewer slots than model.slots.
-        self.slots = settings.model.slots
         self.version = package_version()
         self._stop = threading.Event()
         self._started = time.monotonic()
@@ -110,7 +108,9 @@ class Service:
             if self._scheduler is None:
                 self._link.publish_status(self._status("starting", pid=os.getpid()))
             else:
-                self._link.publish_status(self._status("online", slots=self.slots, pid=os.getpid()))
+                self._link.publish_status(
+                    self._status("online", slots=self.settings.model.slots, pid=os.getpid())
+                )
 
     # -- intake (paho network thread) ----------------------------------------------------------
 
@@ -364,7 +364,9 @@ class Service:
             self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
             state.close()
             return EXIT_MODEL
-        self.slots = engine.slots
+        # model.memory_mb may have chosen fewer slots, a shorter context or another KV precision:
+        # from here on the settings say what the node runs.
+        s = self.settings = s.model_copy(update={"model": engine.plan.apply(s.model)})
         log.info(
             "model_loaded",
             model=self.model_name,
@@ -380,7 +382,7 @@ class Service:
             store=conversations,
             generation=s.generation,
             queue_size=s.model.queue_size,
-            kv_keep_bytes=engine.kv_keep_bytes,
+            kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
             node=s.node_id,
             model_name=self.model_name,
         )
@@ -475,7 +477,7 @@ class Service:
                         "node": self.settings.node_id,
                         "model": self.model_name,
                         "uptime_s": round(time.monotonic() - self._started, 1),
-                        "slots": self.slots,
+                        "slots": self.settings.model.slots,
                         "active_slots": active,
                         "queue_depth": queued,
                         "tokens_per_s": round(rate, 2),
