@@ -139,7 +139,7 @@ class ModelSettings(_Section):
         16, ge=0, le=1024, description="Requests that may wait for a free slot before 'busy'."
     )
     kv_keep_mb: int = Field(
-        32,
+        24,
         ge=0,
         le=65536,
         description="RAM for KV state of conversations waiting for their next turn (MiB).",

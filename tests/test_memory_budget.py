@@ -99,7 +99,7 @@ def test_a_budget_too_small_for_the_model_names_the_setting() -> None:
 
 def test_a_2_gb_pi_runs_four_slots_of_the_real_model_in_1200_mb() -> None:
     p = plan_memory(ModelSettings(slots=4, memory_mb=1200), QWEN_05B_BYTES, QWEN_05B_KV, 64)
-    assert (p.slots, p.n_ctx, p.kv_cache_type, p.kv_keep_mb) == (4, 4096, "q8_0", 32)
+    assert (p.slots, p.n_ctx, p.kv_cache_type, p.kv_keep_mb) == (4, 4096, "q8_0", 24)
     assert p.need_bytes <= 1200 * MIB
 
 
@@ -167,7 +167,7 @@ def test_doctor_says_what_the_budget_chose() -> None:
     mem = meminfo("MemTotal: 1900000 kB\nMemAvailable: 1500000 kB\n")
     check = check_memory(ModelSettings(slots=4, memory_mb=700), facts, mem)
     assert check.detail.startswith(
-        "memory_mb 700 -> 4 slots x 4096 tokens, KV q8_0, kept KV 32 MiB; needs ~"
+        "memory_mb 700 -> 4 slots x 4096 tokens, KV q8_0, kept KV 24 MiB; needs ~"
     )
     assert "KV cache 102 for 4 x 4096 tokens q8_0" in check.detail
     too_small = check_memory(ModelSettings(memory_mb=300), facts, mem)
