@@ -511,6 +511,9 @@ class Service:
             self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
             state.close()
             return EXIT_MODEL
+        # model.memory_mb may have chosen fewer slots, a shorter context or another KV precision:
+        # from here on the settings say what the node runs.
+        s = self.settings = s.model_copy(update={"model": engine.plan.apply(s.model)})
         log.info(
             "model_loaded",
             model=self.model_name,
