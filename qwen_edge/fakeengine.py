@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from .budget import MemoryPlan
 from .engine import Row, SamplingParams
 from .settings import ModelSettings
 
@@ -57,6 +58,16 @@ class FakeEngine:
         self.n_batch = settings.n_batch
         self.n_ctx_seq = settings.n_ctx
         self.threads = 1
+        # The settings as they are: no memory budget to fit, as there is no model.
+        self.plan = MemoryPlan(
+            slots=settings.slots,
+            n_ctx=settings.n_ctx,
+            kv_cache_type=settings.kv_cache_type,
+            kv_keep_mb=settings.kv_keep_mb,
+            model_bytes=0,
+            kv_bytes=0,
+            budget_mb=None,
+        )
         self._next_step = 0.0
 
     def decode(self, rows: Sequence[Row]) -> list[int]:
