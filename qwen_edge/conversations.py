@@ -85,16 +85,30 @@ class ConversationPersistence(Protocol):
 
 
 class ConversationStore:
-    """Least-recently-used conversations, forgotten after `idle_ttl` seconds without use."""
+    """Conversations forgotten after `idle_ttl` seconds without use, within two bounds.
+
+    Each client keeps at most `max_per_client`; past that, its own least recently used goes.
+    All clients together keep at most `max_conversations`; past that, the least recently used of
+    the client holding the most goes (on a tie the newcomer's own, then the longest idle). So a
+    client's conversation is only ever evicted by another client holding fewer: with K clients
+    holding conversations, one keeping at most max_conversations / K is never evicted by
+    another, however many conversations the others open. (With more clients than places, every
+    client holds one and the least recently used of all goes.)
+    """
 
     def __init__(
         self,
         max_conversations: int,
         idle_ttl: float,
         persist: ConversationPersistence | None = None,
+        *,
+        max_per_client: int | None = None,
     ) -> None:
         self._items: OrderedDict[ConversationKey, Conversation] = OrderedDict()
+        # The same keys, per client, least recently used first; no client maps to an empty one.
+        self._by_client: dict[str, OrderedDict[ConversationKey, None]] = {}
         self._max = max_conversations
+        self._per_client = max_conversations if max_per_client is None else max_per_client
         self._ttl = idle_ttl
         self._persist = persist
 
@@ -104,13 +118,19 @@ class ConversationStore:
         """Put back a saved conversation, unused for `idle` seconds; call least recent first."""
         if idle > self._ttl:
             return
-        self._items.pop(key, None)
-        self._items[key] = Conversation(system, list(turns), time.monotonic() - idle)
-        while len(self._items) > self._max:
-            self._items.popitem(last=False)
+        self._remove(key)
+        self._add(key, Conversation(system, list(turns), time.monotonic() - idle))
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is remembered; unlike get(), neither uses nor creates it."""
+        return key in self._items
+
+    def held_by(self, client_id: str) -> int:
+        """How many conversations `client_id` has remembered."""
+        return len(self._by_client.get(client_id, ()))
 
     def get(self, key: ConversationKey, *, reset: bool = False) -> Conversation:
         """The conversation for `key`, new if unknown, expired or reset."""
@@ -119,14 +139,13 @@ class ConversationStore:
         conversation = None if reset else self._items.get(key)
         if conversation is None:
             conversation = Conversation(last_used=now)
-            if self._items.pop(key, None) is not None and self._persist is not None:
+            if self._remove(key) and self._persist is not None:
                 self._persist.delete_conversation(key)  # reset
-            self._items[key] = conversation  # a reset one goes to the young end, like a new one
-            while len(self._items) > self._max:
-                self._forget(self._items.popitem(last=False)[0])
+            self._add(key, conversation)  # a reset one goes to the young end, like a new one
         else:
             conversation.last_used = now
             self._items.move_to_end(key)
+            self._by_client[key[0]].move_to_end(key)
         return conversation
 
     def record(
@@ -140,14 +159,72 @@ class ConversationStore:
         if self._persist is not None:
             self._persist.save_conversation(key, system, conversation.turns)
 
-    def _forget(self, key: ConversationKey) -> None:
+    def _add(self, key: ConversationKey, conversation: Conversation) -> None:
+        """Insert `key` as the most recently used, then evict what the bounds say."""
+        self._items[key] = conversation
+        mine = self._by_client.setdefault(key[0], OrderedDict())
+        mine[key] = None
+        if len(mine) > self._per_client:
+            self._evict(next(iter(mine)))
+        while len(self._items) > self._max:
+            self._evict(self._victim(key[0]))
+
+    def _victim(self, newcomer: str) -> ConversationKey:
+        """The conversation to evict when the table is full and `newcomer` just added one."""
+
+        def claim(client: str) -> tuple[int, bool, float]:
+            keys = self._by_client[client]
+            return (len(keys), client == newcomer, -self._items[next(iter(keys))].last_used)
+
+        client = max(self._by_client, key=claim)
+        keys = self._by_client[client]
+        if client == newcomer and len(keys) == 1:
+            # Everyone holds one: the least recently used of all, never the one just added
+            # (it is the youngest, and the table holds more than one).
+            return next(iter(self._items))
+        return next(iter(keys))
+
+    def _evict(self, key: ConversationKey) -> None:
+        self._remove(key)
         if self._persist is not None:
             self._persist.delete_conversation(key)
+
+    def _remove(self, key: ConversationKey) -> bool:
+        if self._items.pop(key, None) is None:
+            return False
+        mine = self._by_client[key[0]]
+        del mine[key]
+        if not mine:
+            del self._by_client[key[0]]
+        return True
 
     def _expire(self, now: float) -> None:
         while self._items:
             key, oldest = next(iter(self._items.items()))
             if now - oldest.last_used <= self._ttl:
                 return
-            del self._items[key]
-            self._forget(key)
+            self._evict(key)
+
+
+def shared_start(
+    render: Callable[[list[dict[str, str]]], list[int]], variants: list[list[dict[str, str]]]
+) -> list[int]:
+    """The tokens that every one of `variants` starts with once rendered.
+
+    Given messages that differ only in one client-chosen text, these are the template's (and
+    the node's) tokens before that text: no client content can be in them, since each variant
+    has a different first character there.
+    """
+    prompts = [render(messages) for messages in variants]
+    first = prompts[0]
+    n = min(common_prefix(first, other) for other in prompts[1:])
+    return first[:n]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -6,6 +6,10 @@ held it are copied out (llama_state_seq_get_data: the sequence's cells only, no 
 here, least recently used first out, within a byte budget. A follow-up turn restores them into
 its slot and evaluates only its new tokens. Whatever does not fit the budget is recomputed from
 the text history instead (slower, never wrong).
+
+A state goes back only to the conversation it came from (its key holds the client id): the store
+never lends one client's KV to another. Across clients KV is shared only inside the slots, and
+only for a prompt's public prefix (scheduler.Scheduler._reusable).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class KvStore:
         return True
 
     def take(self, key: ConversationKey) -> SavedSequence | None:
-        """Remove and return the state of `key` (it is about to live in a slot again)."""
+        """Remove and return the state of exactly `key` (it is about to live in a slot again)."""
         saved = self._items.pop(key, None)
         if saved is not None:
             self._used -= len(saved.state)

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from .conversations import ContextOverflow, ConversationKey, ConversationStore, fit_prompt
+from .conversations import (
+    ContextOverflow,
+    ConversationKey,
+    ConversationStore,
+    build_messages,
+    common_prefix,
+    fit_prompt,
+    shared_start,
+)
 from .engine import DecodeError, Engine, Row, Sampler, SamplingParams, TextAssembler
 from .kvstore import KvStore, SavedSequence
 from .protocol import ChatRequest, ErrorCode, FinishReason
@@ -58,6 +66,7 @@ class Slot:
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV the sequence holds
     owner: ConversationKey | None = None  # the conversation those tokens belong to
+    public: int = 0  # leading tokens of `cached` that hold no client's content
     job: Job | None = None
     prompt: list[int] = field(default_factory=list)
     fed: int = 0  # prompt tokens evaluated so far
@@ -92,6 +101,9 @@ class Scheduler:
         self._node = node
         self._model_name = model_name
         self._slots = [Slot(seq=i) for i in range(engine.slots)]
+        # Leading tokens no client chose, of prompts with the node's system prompt (False) and
+        # with a client's own (True); rendered once, on first use.
+        self._leads: dict[bool, list[int]] = {}
         self._kv = KvStore(kv_keep_bytes)
         self._waiting: deque[Job] = deque()
         self._jobs: dict[tuple[str, str], Job] = {}  # every accepted, unfinished job
@@ -227,7 +239,7 @@ class Scheduler:
         reserve = min(max_tokens, self._engine.n_ctx_seq // 4)
         try:
             prompt, dropped = fit_prompt(
-                system,
+                self._gen.system if system is None else system,
                 conversation.turns,
                 req.message,
                 self._engine.chat_prompt,
@@ -241,9 +253,10 @@ class Scheduler:
             self._end_with_error(job, ErrorCode.INTERNAL, f"could not build the prompt: {exc}")
             return
 
-        slot = self._take_slot(job.conversation, prompt, free)
-        # Keep the KV of the longest shared prefix; at least one token must be evaluated for logits.
-        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        public = common_prefix(prompt, self._lead(client_system=system is not None))
+        slot, reusable = self._take_slot(job.conversation, prompt, public, free)
+        # At least one token must be evaluated for logits.
+        keep = min(reusable, len(prompt) - 1)
         self._engine.forget(slot.seq, keep)
         del slot.cached[keep:]
 
@@ -262,6 +275,7 @@ class Scheduler:
         )
         slot.job = job
         slot.prompt = prompt
+        slot.public = public
         slot.fed = keep
         slot.reused = keep
         slot.next_token = -1
@@ -273,19 +287,26 @@ class Scheduler:
         slot.dropped = dropped
         slot.first_token_at = None
 
-    def _take_slot(self, key: ConversationKey, prompt: list[int], free: list[Slot]) -> Slot:
-        """A free slot for conversation `key`, holding as much of its KV as can be had.
+    def _take_slot(
+        self, key: ConversationKey, prompt: list[int], public: int, free: list[Slot]
+    ) -> tuple[Slot, int]:
+        """A free slot for conversation `key`, holding as much of its KV as can be had, and
+        how many leading tokens of `prompt` it holds (`public`: how many hold no client content).
 
         Best: the slot that still holds this conversation. Else its saved KV is restored into a
-        free slot, or, with none saved, the slot sharing the longest prefix (a common system
-        prompt) is used. The KV of the conversation that held the slot before is saved first.
+        free slot, or, with none saved, the slot with the most reusable prefix is used (see
+        _reusable). The KV of the conversation that held the slot before is saved first.
         """
         for slot in free:
             if slot.owner == key:
-                return slot
-        saved = self._kv.take(key)
+                return slot, common_prefix(slot.cached, prompt)
+        saved = self._kv.take(key)  # only ever this very conversation's
+        reusable = 0
         if saved is None:
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, prompt), s.owner is None))
+            slot = max(
+                free, key=lambda s: (self._reusable(s, key[0], prompt, public), s.owner is None)
+            )
+            reusable = self._reusable(slot, key[0], prompt, public)
         else:
             slot = min(free, key=lambda s: (s.owner is not None, len(s.cached)))
         if slot.owner is not None and len(slot.cached) >= KV_SAVE_MIN_TOKENS:
@@ -297,10 +318,43 @@ class Scheduler:
         if saved is not None:
             if self._engine.restore_seq(slot.seq, saved.state):
                 slot.cached = list(saved.tokens)
+                reusable = common_prefix(slot.cached, prompt)
             else:
                 log.warning("kv_restore_failed", conversation_id=key[1])
                 slot.cached = []
-        return slot
+        return slot, reusable
+
+    @staticmethod
+    def _reusable(slot: Slot, client_id: str, prompt: list[int], public: int) -> int:
+        """Leading tokens of `prompt` whose KV `slot` may lend it.
+
+        Any shared prefix within one client. Across clients only what holds no client content
+        in either prompt (the template and the node's system prompt): otherwise the reused
+        count, reported as cached_tokens and visible in the first chunk's delay, would tell a
+        client how far another's prompt matches a guess.
+        """
+        shared = common_prefix(slot.cached, prompt)
+        if slot.owner is not None and slot.owner[0] == client_id:
+            return shared
+        return min(shared, public, slot.public)
+
+    def _lead(self, *, client_system: bool) -> list[int]:
+        """The tokens no client chose that begin every prompt rendered with the node's system
+        prompt (`client_system` False) or with one a client set (the template's part before it)."""
+        lead = self._leads.get(client_system)
+        if lead is None:
+            node = self._gen.system
+            if client_system:  # two prompts differing only in the system prompt
+                variants = [build_messages("A", [], "A"), build_messages("B", [], "A")]
+            else:  # two prompts differing only in the client's message
+                variants = [build_messages(node, [], "A"), build_messages(node, [], "B")]
+            try:
+                lead = shared_start(self._engine.chat_prompt, variants)
+            except Exception as exc:  # a template that refuses them: nothing is shared
+                log.warning("template_lead_failed", error=str(exc))
+                lead = []
+            self._leads[client_system] = lead
+        return lead
 
     def _step(self, active: list[Slot]) -> None:
         budget = self._engine.n_batch
@@ -396,6 +450,7 @@ class Scheduler:
         self._end_with_error(slot.job, code, message)
         self._engine.forget(slot.seq)
         slot.cached.clear()
+        slot.public = 0
         slot.owner = None
         self._release(slot)
 
@@ -423,11 +478,3 @@ class Scheduler:
     def _end(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.key, None)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -324,15 +324,21 @@ class Service:
         state = StateStore(
             state_directory(s.service.state_dir),
             outcomes_max=s.service.outcomes_max,
+            outcomes_per_client=s.service.outcomes_per_client,
             outcomes_ttl=s.service.outcomes_ttl,
         )
         self._journal = RequestJournal(state)
         state.start_checkpoints()
         conversations = ConversationStore(
-            s.conversations.max_conversations, s.conversations.idle_ttl, persist=state
+            s.conversations.max_conversations,
+            s.conversations.idle_ttl,
+            persist=state,
+            max_per_client=s.conversations.max_per_client,
         )
         for saved in state.load_conversations(
-            s.conversations.max_conversations, s.conversations.idle_ttl
+            s.conversations.max_conversations,
+            s.conversations.idle_ttl,
+            s.conversations.max_per_client,
         ):
             conversations.restore(
                 (saved.client_id, saved.conversation_id), saved.system, saved.turns, saved.idle

@@ -179,13 +179,30 @@ class GenerationSettings(_Section):
         1.05, ge=0.5, le=2, description="Repetition penalty when sampling (1.0: off)."
     )
     repeat_last_n: int = Field(64, ge=0, description="Tokens the repetition penalty looks back.")
+    system: str | None = Field(
+        None,
+        description="System prompt of conversations whose client sets none (unset: the chat "
+        "template's own). The one prompt text whose KV state clients share: a client's own "
+        "`system` is its content, reused only for that client.",
+    )
 
 
 class ConversationSettings(_Section):
     """Bounds on remembered chat history."""
 
     max_conversations: int = Field(
-        256, ge=1, description="Conversations remembered; the least recently used go first."
+        256,
+        ge=1,
+        description="Conversations remembered in all. When full, a new one evicts the least "
+        "recently used conversation of the client holding the most (the newcomer's own on a "
+        "tie), so no client loses one to a client holding more: with K clients, one keeping at "
+        "most max_conversations / K is never evicted by another.",
+    )
+    max_per_client: int = Field(
+        16,
+        ge=1,
+        description="Conversations remembered per client (not only those in flight); past it "
+        "the client's own least recently used goes.",
     )
     idle_ttl: float = Field(
         3600.0, gt=0, description="A conversation idle this long is forgotten (seconds)."
@@ -232,7 +249,14 @@ class ServiceSettings(_Section):
     outcomes_max: int = Field(
         1000,
         ge=0,
-        description="Finished requests remembered, so a duplicate gets the same reply again.",
+        description="Finished requests remembered, so a duplicate gets the same reply again. "
+        "When full, the oldest of the client holding the most goes (the newcomer's own on a "
+        "tie): with K clients, one keeping at most outcomes_max / K loses none to another.",
+    )
+    outcomes_per_client: int = Field(
+        100,
+        ge=1,
+        description="Finished requests remembered per client; past it the client's oldest goes.",
     )
     outcomes_ttl: float = Field(
         3600.0, ge=0, description="How long a finished request is remembered (seconds)."

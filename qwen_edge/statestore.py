@@ -32,7 +32,6 @@ log = structlog.get_logger("qwen_edge.statestore")
 
 FILE_NAME = "history.db"
 SCHEMA_VERSION = 1
-_PRUNE_EVERY = 64  # outcomes recorded between two prunings by count
 _WAL_LIMIT = 4 << 20  # bytes the WAL file is cut back to after a checkpoint
 # What a failed write says about the file (primary result codes, sqlite3.SQLITE_*).
 _DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
@@ -77,6 +76,31 @@ CREATE TABLE outcomes (
 );
 CREATE INDEX outcomes_finished ON outcomes (finished);
 """
+# Added after schema version 1 was released; created on open where it is missing. Lets the
+# fair-share pruning below rank each client's rows without reading their messages.
+_INDEXES = "CREATE INDEX IF NOT EXISTS outcomes_client ON outcomes (client_id, finished);"
+
+# The rule of the outcome and conversation tables' bounds, applied at once (on start; a write
+# applies it one row at a time, see _bound_outcomes): keep at most :per_client rows of each
+# client (its newest) and :total in all, taken newest of each client first: every client's
+# newest, then every client's second newest, ... So a client's rows are only dropped for a client
+# holding fewer, and with K clients one holding at most total / K rows keeps them all.
+_FAIR_PRUNE = """
+WITH ranked AS (
+    SELECT client_id, {key} AS key, {time} AS time,
+           ROW_NUMBER() OVER (PARTITION BY client_id ORDER BY {time} DESC, {key} DESC) AS rank
+    FROM {table}
+), kept AS (
+    SELECT client_id, key FROM ranked WHERE rank <= :per_client
+    ORDER BY rank, time DESC
+    LIMIT :total
+)
+DELETE FROM {table} WHERE (client_id, {key}) NOT IN kept
+"""
+_PRUNE_OUTCOMES = _FAIR_PRUNE.format(table="outcomes", key="request_id", time="finished")
+_PRUNE_CONVERSATIONS = _FAIR_PRUNE.format(
+    table="conversations", key="conversation_id", time="updated"
+)
 _TABLES = {"conversations", "inbox", "outcomes"}
 
 
@@ -117,14 +141,17 @@ class StateStore:
         state_dir: Path | None,
         *,
         outcomes_max: int = 1000,
+        outcomes_per_client: int | None = None,
         outcomes_ttl: float = 3600.0,
     ) -> None:
         """`state_dir` None: in memory from the start (tests, or no state directory)."""
         self._lock = threading.Lock()
         self.path = None if state_dir is None else state_dir / FILE_NAME
         self._outcomes_max = outcomes_max
+        self._outcomes_per_client = (
+            outcomes_max if outcomes_per_client is None else outcomes_per_client
+        )
         self._outcomes_ttl = outcomes_ttl
-        self._recorded = 0
         self._db = self._open()
         self._checkpoints: threading.Thread | None = None
         self._closing = threading.Event()
@@ -200,6 +227,7 @@ class StateStore:
                 db.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
             elif version != SCHEMA_VERSION or not tables >= _TABLES:
                 raise _Unusable(f"schema version {version}, tables {sorted(tables)}")
+            db.executescript(_INDEXES)
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise _Unusable(f"integrity check: {check}")
@@ -372,10 +400,8 @@ class StateStore:
                     db.execute(
                         "DELETE FROM outcomes WHERE finished < ?", (now - self._outcomes_ttl,)
                     )
-            if outcome is not None:
-                self._recorded += 1
-                if self._recorded % _PRUNE_EVERY == 0:
-                    self._prune_outcomes(db)
+                if outcome is not None:
+                    self._bound_outcomes(db, outcome.client_id, outcome.request_id)
 
         self._write(commit, None)
 
@@ -397,12 +423,44 @@ class StateStore:
             log.error("state_read_failed", error=str(exc))
             return None
 
-    def _prune_outcomes(self, db: sqlite3.Connection) -> None:
-        db.execute(
-            "DELETE FROM outcomes WHERE rowid IN"
-            " (SELECT rowid FROM outcomes ORDER BY finished DESC LIMIT -1 OFFSET ?)",
-            (self._outcomes_max,),
-        )
+    def _bound_outcomes(
+        self, db: sqlite3.Connection, client_id: str | None, request_id: str | None
+    ) -> None:
+        """Prune to the outcome bounds, by _FAIR_PRUNE's rule, after `client_id` wrote
+        `request_id` (None: prune everything over, as on start).
+
+        One new row leaves at most one row too many, so after a write one row goes, found
+        through the index in well under a millisecond: ranking the whole table takes several.
+        """
+        if client_id is None:
+            db.execute(
+                _PRUNE_OUTCOMES,
+                {"per_client": self._outcomes_per_client, "total": self._outcomes_max},
+            )
+            return
+        oldest = "SELECT rowid FROM outcomes WHERE client_id = ? ORDER BY finished, request_id"
+        mine = db.execute(
+            "SELECT count(*) FROM outcomes WHERE client_id = ?", (client_id,)
+        ).fetchone()[0]
+        if mine > self._outcomes_per_client:
+            db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (client_id,))
+            return
+        if db.execute("SELECT count(*) FROM outcomes").fetchone()[0] <= self._outcomes_max:
+            return
+        # The client holding the most; on a tie the writer, then the one with the oldest row.
+        victim, held = db.execute(
+            "SELECT client_id, count(*) AS held FROM outcomes GROUP BY client_id"
+            " ORDER BY held DESC, client_id = ? DESC, min(finished) LIMIT 1",
+            (client_id,),
+        ).fetchone()
+        if victim == client_id and held == 1:  # everyone holds one: the oldest of all goes
+            db.execute(
+                "DELETE FROM outcomes WHERE rowid = (SELECT rowid FROM outcomes"
+                " WHERE NOT (client_id = ? AND request_id = ?) ORDER BY finished LIMIT 1)",
+                (client_id, request_id),
+            )
+        else:
+            db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (victim,))
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -426,22 +484,25 @@ class StateStore:
             None,
         )
 
-    def load_conversations(self, max_count: int, idle_ttl: float) -> list[SavedConversation]:
-        """The conversations still within the bounds, least recently used first; the others
-        are deleted. Also prunes the outcomes."""
+    def load_conversations(
+        self, max_count: int, idle_ttl: float, max_per_client: int | None = None
+    ) -> list[SavedConversation]:
+        """The conversations still within the bounds (kept fairly, as ConversationStore does),
+        least recently used first; the others are deleted. Also prunes the outcomes."""
 
         def load(db: sqlite3.Connection) -> list[SavedConversation]:
             now = time.time()
             with _transaction(db):
                 db.execute("DELETE FROM conversations WHERE updated < ?", (now - idle_ttl,))
                 db.execute(
-                    "DELETE FROM conversations WHERE (client_id, conversation_id) IN"
-                    " (SELECT client_id, conversation_id FROM conversations"
-                    " ORDER BY updated DESC LIMIT -1 OFFSET ?)",
-                    (max_count,),
+                    _PRUNE_CONVERSATIONS,
+                    {
+                        "per_client": max_count if max_per_client is None else max_per_client,
+                        "total": max_count,
+                    },
                 )
                 db.execute("DELETE FROM outcomes WHERE finished < ?", (now - self._outcomes_ttl,))
-                self._prune_outcomes(db)
+                self._bound_outcomes(db, None, None)
             saved = []
             for client_id, conversation_id, system, turns, updated in db.execute(
                 "SELECT client_id, conversation_id, system, turns, updated FROM conversations"

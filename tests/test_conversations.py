@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -303,3 +304,90 @@ def test_idle_conversation_expires_even_behind_a_reset_one(clock: Clock) -> None
     store.get(A, reset=True)
     clock.now += 7  # B idle 12 s > TTL 10 s; A idle 7 s
     assert store.get(B).turns == []
+
+
+# -- fair shares between clients ----------------------------------------------------------------
+
+
+def test_a_client_past_its_share_loses_its_own_least_recently_used(clock: Clock) -> None:
+    store = ConversationStore(10, 60, max_per_client=2)
+    remember(store, ("bob", "x"))
+    remember(store, A)
+    remember(store, B)
+    store.get(A)
+    remember(store, C)  # dev1's third: its own B goes, nobody else's
+    assert store.held_by("dev1") == 2 and store.held_by("bob") == 1
+    assert store.get(A).turns and store.get(C).turns and store.get(("bob", "x")).turns
+
+
+def test_a_client_opening_many_conversations_evicts_only_its_own(clock: Clock) -> None:
+    store = ConversationStore(256, 3600, max_per_client=16)
+    for i in range(3):
+        remember(store, ("alice", str(i)), f"secret {i}")
+        clock.now += 1
+    for i in range(300):
+        remember(store, ("mallory", str(i)))
+        clock.now += 1
+    assert store.held_by("mallory") == 16
+    assert [store.get(("alice", str(i))).turns[0][0] for i in range(3)] == [
+        "secret 0",
+        "secret 1",
+        "secret 2",
+    ]
+
+
+def test_a_full_table_evicts_from_the_client_holding_most(clock: Clock) -> None:
+    store = ConversationStore(6, 3600, max_per_client=6)
+    for client, n in (("big", 4), ("small", 2)):
+        for i in range(n):
+            remember(store, (client, str(i)))
+            clock.now += 1
+    remember(store, ("new", "0"))  # full: "big" holds most and loses its least recently used
+    assert (store.held_by("big"), store.held_by("small"), store.held_by("new")) == (3, 2, 1)
+    assert ("big", "0") not in store
+    remember(store, ("small", "2"))  # "small" now holds as many as "big": a tie costs its own
+    assert (store.held_by("big"), store.held_by("small"), store.held_by("new")) == (3, 2, 1)
+    assert ("small", "0") not in store and ("small", "2") in store
+
+
+def test_with_more_clients_than_places_the_least_recently_used_goes(clock: Clock) -> None:
+    store = ConversationStore(2, 3600, max_per_client=2)
+    for client in ("a", "b", "c"):
+        remember(store, (client, "0"))
+        clock.now += 1
+    assert (store.held_by("a"), store.held_by("b"), store.held_by("c")) == (0, 1, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(1, 12),
+    per_client=st.integers(1, 8),
+    ops=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 9), st.booleans()), max_size=80),
+)
+def test_evictions_only_ever_take_from_a_client_holding_more(
+    total: int, per_client: int, ops: list[tuple[int, int, bool]]
+) -> None:
+    """Whatever clients do: both bounds hold, the conversation just used stays, at most one
+    goes per use, and another client's goes only if that client holds more than the one that
+    caused it (or everyone holds one), and then its least recently used."""
+    store = ConversationStore(total, 3600, max_per_client=per_client)
+    order: list[tuple[str, str]] = []  # what the store holds, least recently used first
+    for client_n, conv_n, reset in ops:
+        client, key = f"c{client_n}", (f"c{client_n}", str(conv_n))
+        before = Counter(k[0] for k in order)
+        store.get(key, reset=reset)
+        if key in order:
+            order.remove(key)
+        order.append(key)
+        gone = [k for k in order if k not in store]
+        assert key in store and len(gone) <= 1
+        for lost in gone:
+            owner = lost[0]
+            assert lost == next(k for k in order if k[0] == owner)  # its least recently used
+            order.remove(lost)
+            if owner != client:
+                held = sum(1 for k in order if k[0] == client)
+                assert before[owner] > held or before[owner] == held == 1
+        held_now = Counter(k[0] for k in order)
+        assert len(store) == len(order) <= total
+        assert all(store.held_by(c) == n <= per_client for c, n in held_now.items())

@@ -53,3 +53,11 @@ def test_zero_budget_keeps_nothing() -> None:
     store = KvStore(0)
     assert not store.put(("c", "a"), saved(1))
     assert len(store) == 0
+
+
+def test_a_state_goes_back_only_to_the_conversation_it_came_from() -> None:
+    store = KvStore(100)
+    store.put(("alice", "c1"), saved(10))
+    assert store.take(("bob", "c1")) is None  # same conversation id, another client
+    assert store.take(("alice", "c2")) is None
+    assert store.take(("alice", "c1")) is not None

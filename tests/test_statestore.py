@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from qwen_edge import conversations, statestore
 from qwen_edge.conversations import ConversationStore
 from qwen_edge.journal import RequestJournal
 from qwen_edge.protocol import ErrorCode, FinishReason
@@ -94,6 +97,88 @@ def test_conversations_are_bounded_by_age_and_count_on_load(tmp_path: Path) -> N
     assert [c.conversation_id for c in store.load_conversations(10, 3600)] == ["c2", "c3", "c4"]
     time.sleep(0.3)
     assert store.load_conversations(10, 0.2) == []
+
+
+class Ticks:
+    """time.time for qwen_edge.statestore: one tick further on every call."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        self.now += 1
+        return self.now
+
+
+def client_outcome(client_id: str, request_id: str) -> Outcome:
+    return Outcome(client_id, request_id, f"qwen-edge/n/reply/{client_id}/c", None, (b"{}",))
+
+
+def test_a_client_finishing_many_requests_evicts_only_its_own_outcomes(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, outcomes_max=1000, outcomes_per_client=100)
+    for i in range(3):
+        store.finish(None, client_outcome("alice", f"a{i}"))
+    for i in range(1200):
+        store.finish(None, client_outcome("mallory", f"m{i}"))
+    assert all(store.outcome("alice", f"a{i}") is not None for i in range(3))
+    kept = [i for i in range(1200) if store.outcome("mallory", f"m{i}") is not None]
+    assert kept == list(range(1100, 1200))  # its newest hundred
+
+
+def test_a_full_outcome_table_takes_from_the_client_holding_most(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, outcomes_max=6, outcomes_per_client=6)
+    for client, n in (("big", 4), ("small", 2), ("new", 1)):
+        for i in range(n):
+            store.finish(None, client_outcome(client, str(i)))
+    held = {c: [i for i in range(4) if store.outcome(c, str(i))] for c in ("big", "small", "new")}
+    assert held == {"big": [1, 2, 3], "small": [0, 1], "new": [0]}
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    total=st.integers(1, 8),
+    per_client=st.integers(1, 5),
+    clients=st.lists(st.integers(0, 3), max_size=30),
+)
+def test_outcomes_and_conversations_are_kept_by_the_same_rule(
+    monkeypatch: pytest.MonkeyPatch,
+    total: int,
+    per_client: int,
+    clients: list[int],
+) -> None:
+    """The SQL pruning of outcomes and the in-memory conversation table, fed the same new
+    entries, keep the same ones: one fairness rule, documented once."""
+    monkeypatch.setattr(statestore, "time", Ticks())
+    monkeypatch.setattr(conversations, "time", _Monotonic(statestore.time))
+    db = StateStore(None, outcomes_max=total, outcomes_per_client=per_client)
+    table = ConversationStore(total, 1e9, max_per_client=per_client)
+    for n, client_n in enumerate(clients):
+        key = (f"c{client_n}", str(n))
+        db.finish(None, client_outcome(*key))
+        table.get(key)
+    sent = [(f"c{c}", str(n)) for n, c in enumerate(clients)]
+    assert [k for k in sent if db.outcome(*k)] == [k for k in sent if k in table]
+    db.close()
+
+
+class _Monotonic:
+    def __init__(self, ticks: Ticks) -> None:
+        self._ticks = ticks
+
+    def monotonic(self) -> float:
+        return self._ticks.time()
+
+
+def test_conversations_on_load_are_kept_by_client_shares(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    for i in range(2):
+        store.save_conversation(("alice", f"a{i}"), None, [("q", "a")])
+    for i in range(10):
+        store.save_conversation(("mallory", f"m{i}"), None, [("q", "a")])
+    kept = store.load_conversations(6, 3600, max_per_client=4)
+    assert sorted(c.conversation_id for c in kept) == ["a0", "a1", "m6", "m7", "m8", "m9"]
 
 
 def test_conversation_store_writes_through_and_restores(tmp_path: Path) -> None:
