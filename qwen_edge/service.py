@@ -35,11 +35,13 @@ from .protocol import (
     ErrorCode,
     FleetTopics,
     InboundTopic,
+    NodeState,
     RequestError,
+    Stats,
+    Status,
     TopicKind,
     Topics,
     WatchKind,
-    encode,
     parse_cancel,
     parse_request,
 )
@@ -89,19 +91,25 @@ class Service:
 
     # -- status --------------------------------------------------------------------------------
 
-    def _status(self, state: str, **extra: object) -> bytes:
-        return encode(
-            {
-                "state": state,
-                "node": self.settings.node_id,
-                "model": self.model_name,
-                "version": self.version,
-                "protocol": 1,
-                # Pool members count one another by it (failover leader; `qwen-edge fleet`).
-                **({"group": self.fleet.group} if self.fleet else {}),
-                **extra,
-            }
-        )
+    def _status(
+        self,
+        state: NodeState,
+        *,
+        slots: int | None = None,
+        pid: int | None = None,
+        reason: str | None = None,
+    ) -> bytes:
+        return Status(
+            state=state,
+            node=self.settings.node_id,
+            model=self.model_name,
+            version=self.version,
+            # Pool members count one another by it (failover leader; `qwen-edge fleet`).
+            group=self.fleet.group if self.fleet else None,
+            slots=slots,
+            pid=pid,
+            reason=reason,
+        ).encode()
 
     def _on_connected(self) -> None:
         # Every (re)connect: say what this node is doing. The will covers unclean loss.
@@ -110,10 +118,10 @@ class Service:
             if self._stop.is_set() or not self._link.connected.is_set():
                 return
             if self._scheduler is None:
-                self._link.publish_status(self._status("starting", pid=os.getpid()))
+                self._link.publish_status(self._status(NodeState.STARTING, pid=os.getpid()))
             else:
                 self._link.publish_status(
-                    self._status("online", slots=self.settings.model.slots, pid=os.getpid())
+                    self._status(NodeState.ONLINE, slots=self.settings.model.slots, pid=os.getpid())
                 )
 
     def _on_link_connected(self) -> None:
@@ -358,7 +366,7 @@ class Service:
             on_message=self._on_message,
             on_connected=self._on_link_connected,
             status_topic=self.topics.status,
-            will_payload=self._status("offline", reason="connection lost"),
+            will_payload=self._status(NodeState.OFFLINE, reason="connection lost"),
         )
         self._link.start()
 
@@ -379,7 +387,7 @@ class Service:
         except ModelError as exc:
             log.error("model_unusable", error=str(exc))
             systemd_notify.notify(f"STATUS=model unusable: {exc}")
-            self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
+            self._link.stop(self._status(NodeState.OFFLINE, reason="model unusable"), timeout=1.0)
             state.close()
             return EXIT_MODEL
         log.info(
@@ -471,7 +479,7 @@ class Service:
         if self._pool_link is not None:
             self._pool_link.stop()
         self._link.wait_flushed(timeout=5.0)
-        self._link.stop(self._status("offline", reason="stopped"))
+        self._link.stop(self._status(NodeState.OFFLINE, reason="stopped"))
         engine.close()
         log.info("stopped", seconds=round(time.monotonic() - began, 2))
 
@@ -487,19 +495,17 @@ class Service:
             active, queued = scheduler.load
             self._link.publish_retained(
                 self.topics.stats,
-                encode(
-                    {
-                        "node": self.settings.node_id,
-                        "model": self.model_name,
-                        "uptime_s": round(time.monotonic() - self._started, 1),
-                        "slots": self.settings.model.slots,
-                        "active_slots": active,
-                        "queue_depth": queued,
-                        "tokens_per_s": round(rate, 2),
-                        "requests_done": scheduler.requests_done,
-                        "ts": round(time.time(), 3),
-                    }
-                ),
+                Stats(
+                    node=self.settings.node_id,
+                    model=self.model_name,
+                    uptime_s=round(time.monotonic() - self._started, 1),
+                    slots=self.settings.model.slots,
+                    active_slots=active,
+                    queue_depth=queued,
+                    tokens_per_s=round(rate, 2),
+                    requests_done=scheduler.requests_done,
+                    ts=round(time.time(), 3),
+                ).encode(),
             )
             if self._stop.wait(interval):
                 return
