@@ -330,6 +330,11 @@ def encode(message: dict[str, Any]) -> bytes:
 # understands a newer node; built with the fields in the order docs/protocol.md shows them.
 
 
+# A JSON number kept as it came: an int stays an int, so a payload built from one is the same
+# bytes as before it went through a model (2, not 2.0).
+Number = int | float
+
+
 class _ReplyMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -366,7 +371,7 @@ class DoneMessage(_ReplyMessage):
     type: Literal["done"] = "done"
     finish_reason: str  # a FinishReason
     usage: dict[str, int] = Field(default_factory=dict)  # prompt/completion/cached_tokens
-    timings: dict[str, float | None] = Field(default_factory=dict)  # ttft_ms, tokens_per_s
+    timings: dict[str, Number | None] = Field(default_factory=dict)  # ttft_ms, tokens_per_s
 
     @classmethod
     def of(
@@ -414,7 +419,7 @@ class ErrorMessage(_ReplyMessage):
     type: Literal["error"] = "error"
     code: str  # an ErrorCode; a newer node may send one this version does not know
     message: str = ""
-    retry_after: float | None = None  # seconds, for rate_limited
+    retry_after: Number | None = None  # seconds, for rate_limited
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
@@ -535,13 +540,13 @@ class Stats(BaseModel):
 
     node: str | None = None
     model: str | None = None
-    uptime_s: float | None = None
+    uptime_s: Number | None = None
     slots: int | None = None
     active_slots: int | None = None
     queue_depth: int | None = None
-    tokens_per_s: float | None = None  # every slot's tokens since the last stats message
+    tokens_per_s: Number | None = None  # every slot's tokens since the last stats message
     requests_done: int | None = None
-    ts: float | None = None  # Unix time of these figures
+    ts: Number | None = None  # Unix time of these figures
 
     def encode(self) -> bytes:
         return encode(self.model_dump())

@@ -977,6 +977,11 @@ WIRE: list[tuple[Any, bytes]] = [
         b'{"type":"error","request_id":"r-2","seq":0,"code":"rate_limited",'
         b'"message":"slow down","retry_after":1.5}',
     ),
+    (  # an int stays an int: 2, not 2.0
+        ErrorMessage(request_id="r-5", seq=0, code="rate_limited", message="x", retry_after=2),
+        b'{"type":"error","request_id":"r-5","seq":0,"code":"rate_limited","message":"x",'
+        b'"retry_after":2}',
+    ),
     (
         node_lost("r-4", 5, "b", "connection lost"),
         b'{"type":"error","request_id":"r-4","seq":5,"code":"node_lost","message":"node b went '
