@@ -47,6 +47,11 @@ class SamplingParams:
     repeat_penalty: float
     repeat_last_n: int
     seed: int
+    grammar: str | None = None  # GBNF the reply must follow (root rule `root`)
+
+
+class GrammarError(ValueError):
+    """llama.cpp could not read a grammar."""
 
 
 class Sampler:
@@ -87,6 +92,93 @@ class Sampler:
             self._chain = None
 
 
+# llama_token_data as numpy sees it: the candidates of one sampling step.
+_TOKEN_DATA: Final = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarSampler(Sampler):
+    """A sampler chain whose every token also satisfies a grammar.
+
+    Applying a grammar checks each of the vocabulary's tokens against it (49k for SmolLM2, 152k
+    for Qwen), which can cost more than the decode. So, as llama.cpp's own server does, the
+    chain picks a token first and the grammar checks only that one; only when it refuses is the
+    grammar applied to the whole vocabulary and the token picked again. In a JSON reply the
+    model's own choice mostly fits.
+    """
+
+    __slots__ = ("_candidates", "_grammar", "_ids", "_one", "_single")
+
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any) -> None:
+        assert params.grammar is not None
+        super().__init__(params, n_vocab)
+        grammar = llama_cpp.llama_sampler_init_grammar(
+            vocab, params.grammar.encode("utf-8"), b"root"
+        )
+        if not grammar:
+            self.close()
+            raise GrammarError("llama.cpp could not read the grammar made for this format")
+        self._grammar = grammar
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._single = np.zeros(1, dtype=_TOKEN_DATA)
+        self._one = _token_array(self._single)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(ctx, index), shape=(len(self._ids),)
+        )
+        token = self._pick(logits, constrained=False)
+        single = self._single
+        single["id"] = token
+        single["logit"] = 0.0
+        self._one.size = 1
+        self._one.selected = -1
+        self._one.sorted = False
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one))
+        if single["logit"][0] == -np.inf:  # refused: pick again among what the grammar allows
+            token = self._pick(logits, constrained=True)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: np.ndarray[Any, Any], *, constrained: bool) -> int:
+        """The chain's choice among all tokens (`constrained`: those the grammar allows)."""
+        candidates = self._candidates
+        candidates["id"] = self._ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = _token_array(candidates)
+        if constrained:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:  # never with a chain that ends in a pick
+            raise RuntimeError(f"the sampler chain selected {array.selected}")
+        return int(array.data[array.selected].id)
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "_grammar", None) is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _token_array(data: np.ndarray[Any, Any]) -> Any:
+    return llama_cpp.llama_token_data_array(
+        data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+        size=len(data),
+        selected=-1,
+        sorted=False,
+    )
+
+
+def new_sampler(params: SamplingParams, n_vocab: int, vocab: Any) -> Sampler:
+    """The sampler for one request: with a grammar only when it has one, so that the others
+    do no grammar work at all."""
+    if params.grammar is None:
+        return Sampler(params, n_vocab)
+    return GrammarSampler(params, n_vocab, vocab)
+
+
 class TextAssembler:
     """Turns token pieces into text that never splits a UTF-8 character.
 
@@ -104,6 +196,52 @@ class TextAssembler:
 
     def flush(self) -> str:
         return self._decode(b"", True)
+
+
+class StopStrings:
+    """Cuts a reply at the first stop string, holding back only text that could still become one.
+
+    The reply ends where a stop string is first complete (of two completed by the same text, the
+    longer); the text before it is the reply, the stop string and anything after are never
+    published.
+    """
+
+    __slots__ = ("_held", "_stops", "hit")
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""  # the longest tail of the text so far that begins some stop string
+        self.hit = False  # a stop string was found: nothing more comes
+
+    def push(self, text: str) -> str:
+        """The text that can be published now."""
+        if self.hit:
+            return ""
+        pending = self._held + text
+        cut = end = -1
+        for stop in self._stops:
+            # The held tail contains no whole stop string, so any match ends in `text`.
+            i = pending.find(stop)
+            if i >= 0 and (end < 0 or i + len(stop) < end or (i + len(stop) == end and i < cut)):
+                cut, end = i, i + len(stop)
+        if cut >= 0:
+            self.hit = True
+            self._held = ""
+            return pending[:cut]
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]
+
+    def flush(self, text: str = "") -> str:
+        """The last text of a reply that ends for another reason: the held tail is no stop."""
+        out = self.push(text) + self._held
+        self._held = ""
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,16 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 
 PROTOCOL_VERSION: Final = 1
 ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+MAX_STOPS: Final = 4
+MAX_STOP_CHARS: Final = 64
+MAX_CHUNK_MS: Final = 2000
 
 
 class ErrorCode(StrEnum):
@@ -74,6 +78,34 @@ class ChatRequest(BaseModel):
     top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
     seed: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] | None = None
     reset: bool = False
+    # "json": any JSON object; an object: a JSON Schema the reply must validate against.
+    format: Literal["json"] | dict[str, Any] | None = None
+    stop: (
+        Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]],
+            Field(max_length=MAX_STOPS),
+        ]
+        | None
+    ) = None
+    chunk_ms: Annotated[int, Field(ge=0, le=MAX_CHUNK_MS)] | None = None  # None: 0
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_is_json_or_a_schema(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if value != "json" and not isinstance(value, dict):
+            raise ValueError('must be "json" or a JSON Schema object')
+        # Converted here, so that a schema the grammar cannot enforce is refused before the
+        # request is accepted. Imported late: the grammar needs llama.cpp, and this module
+        # must stay importable without it.
+        from .grammar import UnsupportedSchema, grammar_for
+
+        try:
+            grammar_for(value)
+        except UnsupportedSchema as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     def model_post_init(self, context: Any, /) -> None:
         _utf8_encodable(self.message)
@@ -266,6 +298,32 @@ def parse_node_topic(prefix: str, topic: str) -> WatchedTopic | None:
     return WatchedTopic(WatchKind(leaf), node)
 
 
+# The client id of pool probes: a node proves at start that the broker hands it pooled requests
+# by sending itself one (docs/protocol.md, "Fleet"). A probe is never served; a device account
+# must not be named like it (with broker ACLs a device can use only its own account's id).
+PROBE_CLIENT: Final = "$probe"
+
+
+class PoolProbe(BaseModel):
+    """The payload of a pool probe: who sent it (`probe`, a node id, which names the topic
+    level it comes back on) and a nonce that tells this run's probe from an older one's."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    probe: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/+#\x00]+$")]
+    nonce: str
+
+    def encode(self) -> bytes:
+        return encode({"probe": self.probe, "nonce": self.nonce})
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self | None:
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError:
+            return None
+
+
 @dataclass(frozen=True, slots=True)
 class FleetTopics:
     """The topics a node of a pool uses besides its own: the pool's, which have the shape of a
@@ -297,6 +355,16 @@ class FleetTopics:
     def pool_replies(self) -> str:
         # '#': response topics may have more levels under the client's namespace.
         return f"{self.pool.base}/reply/#"
+
+    @property
+    def probe_request(self) -> str:
+        """Where a node sends its pool probe: a pooled request of the reserved PROBE_CLIENT."""
+        return self.pool.request(PROBE_CLIENT)
+
+    def probe_echo(self, node: str) -> str:
+        """Where a pool member returns a probe that `node` sent (and the pool gave to another
+        member): a pooled reply topic of PROBE_CLIENT, which every member watches."""
+        return self.pool.reply(PROBE_CLIENT, node)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ It numbers and sends; protocol.py builds every message (ChunkEncoder on the per-
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -36,9 +37,13 @@ class ReplyStream:
 
     __slots__ = (
         "_chunk",
+        "_clock",
         "_correlation",
         "_journal",
+        "_last_chunk",
         "_on_end",
+        "_pace",
+        "_pending",
         "_publish",
         "ended",
         "request_id",
@@ -69,6 +74,16 @@ class ReplyStream:
         self.started = False
         self.ended = False
         self._chunk = ChunkEncoder(request_id)  # the per-token builder
+        self._pace = 0.0  # seconds between chunks; 0: a chunk per piece of text
+        self._pending: list[str] = []  # text joined into the next paced chunk
+        self._last_chunk = float("-inf")
+        self._clock = time.monotonic
+
+    def pace(self, chunk_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """Send at most one chunk per `chunk_ms` milliseconds, joining the text between; the
+        rest goes out before done or error."""
+        self._pace = chunk_ms / 1000
+        self._clock = clock
 
     def _send(self, payload: bytes) -> None:
         if self._journal is not None:
@@ -100,6 +115,10 @@ class ReplyStream:
     def chunk(self, text: str) -> None:
         if self.ended:
             return
+        if self._pace:
+            text = self._paced(text)
+            if not text:
+                return
         self._send(self._chunk(self.seq, text))
 
     def done(
@@ -115,6 +134,7 @@ class ReplyStream:
         """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again."""
         if self.ended:
             return
+        self._flush()
         done = DoneMessage.of(
             self.request_id,
             self.seq,
@@ -132,6 +152,7 @@ class ReplyStream:
         """`retry_after`: seconds after which the same request would be accepted, if known."""
         if self.ended:
             return
+        self._flush()
         error = ErrorMessage(
             request_id=self.request_id,
             seq=self.seq,
@@ -141,6 +162,25 @@ class ReplyStream:
         )
         self._send_final(error.encode(), code)
         self._ended()
+
+    def _paced(self, text: str) -> str:
+        """The text to send now: all pending text once `chunk_ms` has passed, else ""."""
+        self._pending.append(text)
+        now = self._clock()
+        if now - self._last_chunk < self._pace:
+            return ""
+        self._last_chunk = now
+        text = "".join(self._pending)
+        self._pending.clear()
+        return text
+
+    def _flush(self) -> None:
+        """Send the pending text of a paced reply; called only as it ends."""
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._pace = 0.0
+            self.chunk(text)
 
     def _ended(self) -> None:
         if self._on_end is not None:

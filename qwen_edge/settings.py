@@ -68,7 +68,12 @@ class MqttSettings(_Section):
         0.5, gt=0, description="First reconnect delay after the link drops (seconds)."
     )
     reconnect_max_delay: float = Field(
-        30.0, gt=0, description="Longest reconnect delay; the delay doubles up to it (seconds)."
+        5.0,
+        gt=0,
+        description=(
+            "Longest reconnect delay; the delay doubles up to it (seconds). Short, so the node "
+            "is back within seconds of the broker's return."
+        ),
     )
     max_payload: int = Field(
         65536, ge=256, description="Largest request payload accepted (bytes); larger -> too_large."

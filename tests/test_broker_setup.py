@@ -242,13 +242,13 @@ def test_device_cannot_connect_with_a_nodes_client_id_and_the_node_goes_on(
     for topic in own_topics("devA"):
         watcher.subscribe(topic)
     watcher.drain(0.5)  # the retained status
-    drops = events(node, "broker_disconnected")
+    drops = events(node, "broker_lost")
     for client_id in (f"qwen-edge-{NODE}", f"qwen-edge-{NODE}-pool", "devA", "kiosk-1"):
         assert connect("devB", client_id=client_id).connack == NOT_AUTHORIZED, client_id
     time.sleep(1.0)
     statuses = [m for t, m in watcher.drain(0.5) if t.endswith("/status")]
     assert [m for m in statuses if m.get("state") != "online"] == [], statuses
-    assert events(node, "broker_disconnected") == drops
+    assert events(node, "broker_lost") == drops
     rid, _ = watcher.ask(NODE, "devA")
     assert watcher.ends({rid}, timeout=60) == {rid: "done"}
 

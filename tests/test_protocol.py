@@ -503,6 +503,176 @@ def test_number_with_thousands_of_digits_does_not_crash() -> None:
     assert err.request_id is None
 
 
+# -- requests: format, stop, chunk_ms ----------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "home": {"$ref": "#/$defs/place"},
+        "nick": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+    "$defs": {"place": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def format_error(fmt: Any) -> str:
+    err = bad(request(format=fmt))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert (err.request_id, err.conversation_id) == ("r1", "default")  # answered on its topic
+    assert err.message.startswith("format"), err.message
+    return err.message
+
+
+def test_new_fields_default_to_off() -> None:
+    req = parse_request(request(format=None, stop=None, chunk_ms=None), LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert (req.format, req.stop, req.chunk_ms) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "json",
+        PERSON,
+        {},
+        {"type": "object"},
+        {"type": "string", "format": "date-time"},
+        {"type": ["integer", "null"]},
+        {"type": "array", "prefixItems": [{"type": "number"}, {"const": "x"}], "items": False},
+        {"type": "object", "additionalProperties": {"type": "integer"}},
+        {"$schema": "http://json-schema.org/draft-07/schema#", "type": "boolean", "title": "t"},
+        {"enum": ["中文", 1, None, [1, {"a": True}]]},
+    ],
+)
+def test_format_json_or_an_enforceable_schema_is_accepted(fmt: Any) -> None:
+    req = parse_request(request(format=fmt), LIMIT)
+    assert isinstance(req, ChatRequest), req
+    assert req.format == fmt  # as sent: the $ref inlining works on a copy
+
+
+@pytest.mark.parametrize("fmt", ["xml", "JSON", "", 5, True, ["json"]])
+def test_format_other_than_json_or_an_object_is_a_bad_request(fmt: Any) -> None:
+    assert '"json" or a JSON Schema object' in format_error(fmt)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "strin"},
+        {"type": "object", "properties": 5},
+        {"type": "object", "required": "name"},
+        {"type": "array", "minItems": -1},
+    ],
+)
+def test_format_that_is_no_valid_json_schema_is_a_bad_request(fmt: Any) -> None:
+    assert "not a valid JSON Schema" in format_error(fmt)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "named"),
+    [
+        ({"type": "integer", "minimum": 1}, "'minimum'"),
+        ({"type": "number", "multipleOf": 2}, "'multipleOf'"),
+        ({"type": "string", "pattern": "^[a-z]+$"}, "pattern"),
+        ({"type": "string", "format": "email"}, "'email'"),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "'uniqueItems'"),
+        ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf"),
+        ({"allOf": [{"type": "object"}]}, "allOf"),
+        ({"not": {"type": "string"}}, "a schema needs a type"),
+        ({"type": "object", "properties": {"a": True}}, "true/false"),
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b'"),
+        (
+            {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+            "'patternProperties'",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "additionalProperties": {"type": "integer"},
+            },
+            "additionalProperties",
+        ),
+        ({"$ref": "https://example.com/schema.json"}, "only local $ref"),
+        ({"$ref": "#/$defs/missing"}, "points at nothing"),
+        (
+            {"$ref": "#/$defs/node", "$defs": {"node": {"type": "array", "items": {"$ref": "#"}}}},
+            "recursive",
+        ),
+        ({"type": "string", "maxLength": 100_000}, "above 256"),
+        ({"type": "array", "items": {"type": "string"}, "minItems": 300}, "above 256"),
+        ({"enum": ['say "hi"']}, "quotes"),
+        ({"const": "a\\b"}, "backslashes"),
+        ({"type": "object", "properties": {"line\nbreak": {"type": "string"}}}, "control"),
+        ({"enum": ["😀"]}, "U+FFFF"),
+        ({"enum": []}, "without values"),
+        ({"type": ["string", "null"], "maxLength": 3}, "'maxLength'"),
+        ({"type": "object", "anyOf": [{"type": "object"}]}, "'type'"),
+        ({"type": "integer", "x-vendor": 1}, "'x-vendor'"),
+    ],
+)
+def test_format_the_grammar_could_not_enforce_is_a_bad_request_that_says_what(
+    fmt: Any, named: str
+) -> None:
+    assert named in format_error(fmt)
+
+
+def test_format_whose_refs_would_expand_beyond_bounds_is_refused() -> None:
+    defs = {"d0": {"type": "integer"}}
+    for i in range(1, 20):  # each definition uses the one before twice: 2**19 parts inlined
+        ref = {"$ref": f"#/$defs/d{i - 1}"}
+        defs[f"d{i}"] = {"type": "array", "prefixItems": [ref, ref]}
+    assert "more than 2000 parts" in format_error({"$ref": "#/$defs/d19", "$defs": defs})
+
+
+@pytest.mark.parametrize("stop", [[], ["x"], ["a", "b", "c", "d"], ["中" * 64, "\n"]])
+def test_up_to_four_stop_strings_of_1_to_64_characters_are_accepted(stop: list[str]) -> None:
+    req = parse_request(request(stop=stop), LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.stop == stop
+
+
+@pytest.mark.parametrize(
+    ("stop", "where"),
+    [
+        (["a", "b", "c", "d", "e"], "stop: List should have at most 4 items"),
+        ([""], "stop.0: String should have at least 1 character"),
+        (["x", "y" * 65], "stop.1: String should have at most 64 characters"),
+        ("END", "stop: Input should be a valid array"),
+        ([1], "stop.0: Input should be a valid string"),
+    ],
+)
+def test_stop_strings_out_of_bounds_are_a_bad_request(stop: Any, where: str) -> None:
+    err = bad(request(stop=stop))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert where in err.message
+
+
+def test_model_refuses_a_lone_surrogate_in_a_stop_string() -> None:
+    with pytest.raises(ValidationError, match=r"stop\.1"):
+        ChatRequest(request_id="r1", message="hi", stop=["ok", "\udfff"])
+
+
+@pytest.mark.parametrize("chunk_ms", [0, 1, 500, 2000])
+def test_chunk_ms_from_0_to_2000_is_accepted(chunk_ms: int) -> None:
+    req = parse_request(request(chunk_ms=chunk_ms), LIMIT)
+    assert isinstance(req, ChatRequest)
+    assert req.chunk_ms == chunk_ms
+
+
+@pytest.mark.parametrize("chunk_ms", [-1, 2001, 10**9, 1.5, "100", True])
+def test_chunk_ms_out_of_range_or_not_an_integer_is_a_bad_request(chunk_ms: Any) -> None:
+    err = bad(request(chunk_ms=chunk_ms))
+    assert err.code is ErrorCode.BAD_REQUEST
+    assert err.message.startswith("chunk_ms")
+
+
 # -- cancels -----------------------------------------------------------------------------------
 
 
