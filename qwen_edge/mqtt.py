@@ -23,14 +23,14 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from . import mqttclient
 from .settings import MqttSettings
-from .tls import apply_credentials
 
 log = structlog.get_logger("qwen_edge.mqtt")
 
@@ -102,7 +102,6 @@ class MqttLink:
         self._blamed: tuple[paho.MQTTMessage, int] | None = None
         self._refused: OrderedDict[str, None] = OrderedDict()  # topics the broker refuses
         self._purge: set[str] = set()  # refused topics whose queued messages are still held
-        self._persistent = persistent
         self.v5 = settings.protocol == "5"
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker acknowledged this connection's SUBSCRIBE
@@ -111,15 +110,16 @@ class MqttLink:
         self._client_id = client_id
         self._last_failure: str | None = None  # logged once until it changes or we connect
 
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            clean_session=None if self.v5 else not persistent,
+        # Persistent: the session outlives this process too (requests queued across a restart).
+        self._session = (
+            mqttclient.Session(expiry_s=SESSION_EXPIRY_S, resume=True)
+            if persistent
+            else mqttclient.TRANSIENT
         )
-        apply_credentials(client, settings)
+        will = None
         if status_topic is not None and will_payload is not None:
-            client.will_set(status_topic, will_payload, qos=1, retain=True)
+            will = mqttclient.Will(status_topic, will_payload)
+        client = mqttclient.new_client(settings, client_id, session=self._session, will=will)
         client.reconnect_delay_set(
             min_delay=max(1, round(settings.reconnect_min_delay)),
             max_delay=max(1, round(settings.reconnect_max_delay)),
@@ -139,17 +139,7 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until stop()."""
-        properties = None
-        if self.v5 and self._persistent:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        self._client.connect_async(
-            self._settings.host,
-            self._settings.port,
-            keepalive=self._settings.keepalive,
-            clean_start=not self._persistent,
-            properties=properties,
-        )
+        mqttclient.connect(self._client, self._settings, session=self._session, background=True)
         self._client.loop_start()
 
     def stop(self, final_status: bytes | None = None, timeout: float = 5.0) -> None:
