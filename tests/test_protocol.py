@@ -25,6 +25,7 @@ from qwen_edge.protocol import (
     FinishReason,
     InboundTopic,
     NodeState,
+    PoolProbe,
     RequestError,
     StartMessage,
     Stats,
@@ -1281,3 +1282,21 @@ def test_partial_statuses_and_stats_parse_with_what_they_have() -> None:
     )
     assert Stats.parse(b'{"active_slots":1}') == Stats(active_slots=1)
     assert Stats.parse(b"[]") is None
+
+
+def test_pool_probe_round_trips_and_refuses_a_node_that_is_no_topic_level() -> None:
+    probe = PoolProbe(probe="node-a", nonce="00ff")
+    wire = b'{"probe":"node-a","nonce":"00ff"}'
+    assert probe.encode() == wire
+    assert PoolProbe.parse(wire) == probe
+    for bad in (
+        b'{"probe":"a/b","nonce":"n"}',
+        b'{"probe":"a+","nonce":"n"}',
+        b'{"probe":"","nonce":"n"}',
+        b'{"probe":"' + b"x" * 129 + b'","nonce":"n"}',
+        b'{"probe":"a","nonce":1}',
+        b'{"probe":"a"}',
+        b"[]",
+        b"",
+    ):
+        assert PoolProbe.parse(bad) is None, bad
