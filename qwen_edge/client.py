@@ -33,6 +33,7 @@ from pydantic import SecretStr
 
 from . import mqttclient
 from .protocol import (
+    CancelRequest,
     ChunkMessage,
     DoneMessage,
     ErrorCode,
@@ -198,7 +199,9 @@ class _Core:
 
     def send_cancel(self, target: str, request_id: str) -> None:
         self._client.publish(
-            self.topics(target).cancel(self.client_id), encode({"request_id": request_id}), qos=1
+            self.topics(target).cancel(self.client_id),
+            CancelRequest(request_id=request_id).encode(),
+            qos=1,
         )
 
     def status(self, node: str) -> Status | None:

@@ -120,6 +120,9 @@ class CancelRequest(BaseModel):
 
     request_id: Identifier
 
+    def encode(self) -> bytes:
+        return encode({"request_id": self.request_id})
+
 
 @dataclass(frozen=True, slots=True)
 class RequestError:

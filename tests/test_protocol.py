@@ -1300,3 +1300,9 @@ def test_pool_probe_round_trips_and_refuses_a_node_that_is_no_topic_level() -> N
         b"",
     ):
         assert PoolProbe.parse(bad) is None, bad
+
+
+def test_cancel_round_trips() -> None:
+    cancel = CancelRequest(request_id="r-1")
+    assert cancel.encode() == b'{"request_id":"r-1"}'
+    assert parse_cancel(cancel.encode(), LIMIT) == cancel
