@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .settings import ConfigError, Settings, load_settings
 
@@ -35,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=parents, help="run the daemon")
     sub.add_parser("config", parents=parents, help="print the effective settings (secrets masked)")
 
+    _add_chat(sub, parents)
+    _add_tools(sub, parents)
+
+    from .models import add_parser as add_model_parser
+
+    add_model_parser(sub, parents)
+    return parser
+
+
+def _add_chat(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     chat = sub.add_parser("chat", parents=parents, help="talk to a node from the terminal")
     chat.add_argument("message", nargs="*", help="send this one message, print the reply, exit")
     chat.add_argument(
@@ -56,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for the reply's next message before giving up",
     )
 
+
+def _add_tools(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """fleet, doctor and homeassistant."""
     fleet = sub.add_parser(
         "fleet", parents=parents, help="list the nodes on the broker: state, model, load"
     )
@@ -90,11 +104,6 @@ def _parser() -> argparse.ArgumentParser:
     ha.add_argument(
         "--secrets", type=Path, help="the service's environment file, read like systemd does"
     )
-
-    from .models import add_parser as add_model_parser
-
-    add_model_parser(sub, parents)
-    return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -37,6 +37,8 @@ log = structlog.get_logger("qwen_edge.mqtt")
 # How long the broker keeps the daemon's session (its subscriptions and queued QoS 1 requests)
 # while the daemon is away, e.g. during a restart.
 SESSION_EXPIRY_S = 3600
+# The main link's session outlives this process too: requests queued across a restart.
+PERSISTENT = mqttclient.Session(expiry_s=SESSION_EXPIRY_S, resume=True)
 MAX_QUEUED_OUT = 20_000  # bounded memory when the broker is unreachable for long
 # Disconnects in a row with the same message sent and the oldest unacknowledged, before its
 # topic counts as refused by the broker. A message caught by a lost link (broker restart,
@@ -110,22 +112,8 @@ class MqttLink:
         self._client_id = client_id
         self._last_failure: str | None = None  # logged once until it changes or we connect
 
-        # Persistent: the session outlives this process too (requests queued across a restart).
-        self._session = (
-            mqttclient.Session(expiry_s=SESSION_EXPIRY_S, resume=True)
-            if persistent
-            else mqttclient.TRANSIENT
-        )
-        will = None
-        if status_topic is not None and will_payload is not None:
-            will = mqttclient.Will(status_topic, will_payload)
-        client = mqttclient.new_client(settings, client_id, session=self._session, will=will)
-        client.reconnect_delay_set(
-            min_delay=max(1, round(settings.reconnect_min_delay)),
-            max_delay=max(1, round(settings.reconnect_max_delay)),
-        )
-        client.max_inflight_messages_set(100)
-        client.max_queued_messages_set(MAX_QUEUED_OUT)
+        self._session = PERSISTENT if persistent else mqttclient.TRANSIENT
+        client = _paho_client(settings, client_id, self._session, status_topic, will_payload)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
@@ -377,3 +365,25 @@ class MqttLink:
         except Exception:
             # An exception escaping a paho callback would stop the network thread.
             log.exception("message_handler_failed")
+
+
+def _paho_client(
+    settings: MqttSettings,
+    client_id: str,
+    session: mqttclient.Session,
+    status_topic: str | None,
+    will_payload: bytes | None,
+) -> paho.Client:
+    """A link's paho client: the factory's, with the daemon's reconnect back-off and bounds,
+    and the Last Will when the link has a status."""
+    will = None
+    if status_topic is not None and will_payload is not None:
+        will = mqttclient.Will(status_topic, will_payload)
+    client = mqttclient.new_client(settings, client_id, session=session, will=will)
+    client.reconnect_delay_set(
+        min_delay=max(1, round(settings.reconnect_min_delay)),
+        max_delay=max(1, round(settings.reconnect_max_delay)),
+    )
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(MAX_QUEUED_OUT)
+    return client
