@@ -51,7 +51,16 @@ from .protocol import (
 )
 from .settings import MqttSettings, Settings
 
-__all__ = ["AsyncEdgeClient", "AsyncStream", "EdgeClient", "EdgeError", "Reply", "Stream"]
+# Status: what node_status() returns (protocol.Status, a node's retained status).
+__all__ = [
+    "AsyncEdgeClient",
+    "AsyncStream",
+    "EdgeClient",
+    "EdgeError",
+    "Reply",
+    "Status",
+    "Stream",
+]
 
 DEFAULT_GROUP: Final = "pool"
 # How long the broker keeps this client's session (subscriptions, reply messages queued for it)
