@@ -28,6 +28,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
 from . import mqttclient
+from .budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
 from .protocol import NodeState, Status, Topics
 from .settings import (
     DEFAULT_CONFIG_FILE,
@@ -41,11 +42,6 @@ from .tls import client_context
 
 EXIT_FAILED = 1
 MIB = 1024 * 1024
-# Python, its libraries, llama.cpp's compute and output buffers and repacked weights, measured
-# with Qwen2.5-0.5B (README, "Performance"): what the daemon needs beyond the model and KV cache.
-RUNTIME_OVERHEAD = 100 * MIB
-# Bytes per KV cache element.
-KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 # MQTT 5 CONNACK reason codes (paho maps MQTT 3.1.1's return codes 4 and 5 onto them).
 BAD_CREDENTIALS = 134
 NOT_AUTHORISED = 135
@@ -78,6 +74,7 @@ class Check:
 class ModelFacts:
     size: int  # bytes
     kv_elements_per_token: int  # K and V values of every layer for one token
+    head_dim: int = 64  # width of a K/V head (model.memory_mb may choose q8_0 if 32 divides it)
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -384,7 +381,7 @@ def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
         head_dim = num("attention.key_length") or (embd // heads if heads else 0)
     finally:
         llama_cpp.llama_model_free(model)
-    return ModelFacts(path.stat().st_size, 2 * layers * kv_heads * head_dim)
+    return ModelFacts(path.stat().st_size, 2 * layers * kv_heads * head_dim, head_dim)
 
 
 def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
@@ -581,20 +578,30 @@ def check_memory(
     """The daemon's needs (README, "Performance": model, KV cache of every slot, kept KV state,
     runtime) against this device's memory and the systemd unit's MemoryMax=. `daemon_rss`:
     memory a running daemon already holds, which it would give back on a restart."""
-    per_token = facts.kv_elements_per_token * KV_ELEMENT_BYTES[model.kv_cache_type]
-    kv = int(model.slots * model.n_ctx * per_token)
-    keep = model.kv_keep_mb * MIB
-    need = facts.size + kv + keep + RUNTIME_OVERHEAD
+    fix = (
+        "set [model] memory_mb to what the node may use, lower slots, n_ctx or kv_keep_mb, "
+        "or use a smaller model"
+    )
+    try:
+        plan = plan_memory(model, facts.size, facts.kv_elements_per_token, facts.head_dim)
+    except BudgetError as exc:
+        return Check("memory", Level.FAIL, str(exc), "raise [model] memory_mb")
+    need = plan.need_bytes
     total = mem.get("MemTotal", 0)
     available = mem.get("MemAvailable", 0) + daemon_rss
-    parts = (
-        f"needs ~{need / MIB:.0f} MiB (model {facts.size / MIB:.0f}, KV cache {kv / MIB:.0f} for "
-        f"{model.slots} x {model.n_ctx} tokens, kept KV {keep / MIB:.0f}, runtime "
-        f"{RUNTIME_OVERHEAD / MIB:.0f}); {available / MIB:.0f} of {total / MIB:.0f} MiB available"
+    # With memory_mb the daemon runs what the budget lets it: say what it chose.
+    chose = (
+        f"memory_mb {plan.budget_mb} -> {plan.slots} slots x {plan.n_ctx} tokens, KV "
+        f"{plan.kv_cache_type}, kept KV {plan.kv_keep_mb} MiB; "
+        if plan.budget_mb is not None
+        else ""
     )
-    fix = (
-        'lower [model] slots or n_ctx, set kv_cache_type = "q8_0" or kv_keep_mb = 0, '
-        "or use a smaller model"
+    parts = (
+        f"{chose}needs ~{need / MIB:.0f} MiB (model {facts.size / MIB:.0f}, KV cache "
+        f"{plan.kv_bytes / MIB:.0f} for {plan.slots} x {plan.n_ctx} tokens {plan.kv_cache_type}, "
+        "kept KV "
+        f"{plan.kv_keep_mb}, runtime {RUNTIME_OVERHEAD / MIB:.0f}); "
+        f"{available / MIB:.0f} of {total / MIB:.0f} MiB available"
     )
     if not total:
         return Check("memory", Level.WARN, "cannot read /proc/meminfo")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,14 @@ from typing import Any, Final
 
 import llama_cpp
 import numpy as np
+import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .budget import MIB, BudgetError, plan_memory
 from .modelfile import ModelError
 from .settings import ModelSettings
+
+log = structlog.get_logger("qwen_edge.engine")
 
 # Qwen2.5's own template, used only when a GGUF file carries none.
 CHATML_TEMPLATE: Final = (
@@ -270,6 +275,30 @@ def quiet_llama_logs() -> None:
     llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
 
 
+def _kv_shape(model: Any) -> tuple[int, int]:
+    """(K and V values one token holds in the cache over every layer, K/V head width), from the
+    GGUF metadata; the width is the gcd of K's and V's should they differ."""
+    layers = int(llama_cpp.llama_model_n_layer(model))
+    heads = int(llama_cpp.llama_model_n_head(model))
+    kv_heads = int(llama_cpp.llama_model_n_head_kv(model)) or heads
+    width = int(llama_cpp.llama_model_n_embd(model))
+    arch = _meta(model, "general.architecture") or ""
+
+    def head_dim(key: str) -> int:
+        # Most models' heads are width / heads wide; a few (Gemma, Qwen3) say otherwise.
+        value = _meta(model, f"{arch}.attention.{key}")
+        return int(value) if value and value.isdigit() else width // max(heads, 1)
+
+    k, v = head_dim("key_length"), head_dim("value_length")
+    return layers * kv_heads * (k + v), math.gcd(k, v)
+
+
+def _meta(model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(128)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode() if n >= 0 else None
+
+
 class Engine:
     """A loaded model and a context with one KV sequence per slot."""
 
@@ -278,27 +307,46 @@ class Engine:
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_mmap = True
-        mparams.use_mlock = settings.use_mlock
+        # Mapped, so the kernel may drop (and re-read) weight pages under memory pressure, and
+        # several processes share one copy; mlock pins them.
+        mparams.load_mode = (
+            llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
+            if settings.use_mlock
+            else llama_cpp.LLAMA_LOAD_MODE_MMAP
+        )
         model = llama_cpp.llama_model_load_from_file(str(settings.path).encode(), mparams)
         if not model:
             raise ModelError(f"model file {settings.path}: llama.cpp could not load it")
         self._model = model
+        try:
+            self.plan = plan_memory(settings, settings.path.stat().st_size, *_kv_shape(model))
+        except (BudgetError, OSError) as exc:
+            llama_cpp.llama_model_free(model)
+            raise ModelError(str(exc)) from None
+        log.info(
+            "memory_plan",
+            budget_mb=self.plan.budget_mb,
+            slots=self.plan.slots,
+            n_ctx=self.plan.n_ctx,
+            kv_cache_type=self.plan.kv_cache_type,
+            kv_keep_mb=self.plan.kv_keep_mb,
+            need_mb=round(self.plan.need_bytes / MIB),
+        )
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
-        self.slots = settings.slots
+        self.slots = self.plan.slots
         self.n_batch = settings.n_batch
 
         threads = settings.threads or len(os.sched_getaffinity(0))
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = settings.n_ctx * settings.slots
+        cparams.n_ctx = self.plan.n_ctx * self.plan.slots
         cparams.n_batch = settings.n_batch
         cparams.n_ubatch = settings.n_batch
-        cparams.n_seq_max = settings.slots
+        cparams.n_seq_max = self.plan.slots
         # A decode step wants logits for at most one token per slot. Without this bound llama.cpp
         # sizes its output and compute buffers for n_batch rows of logits: with Qwen's 151,936-
         # token vocabulary that is ~300 MB at n_batch 512, more than the model itself.
-        cparams.n_outputs_max = settings.slots
+        cparams.n_outputs_max = self.plan.slots
         cparams.n_outputs_max_per_seq = 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -311,7 +359,7 @@ class Engine:
             if settings.flash_attn
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        if settings.kv_cache_type == "q8_0":
+        if self.plan.kv_cache_type == "q8_0":
             cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_Q8_0
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:

@@ -400,11 +400,11 @@ def test_meminfo_is_read_in_bytes() -> None:
 
 def test_memory_estimate_matches_the_measured_daemon() -> None:
     # README, "Performance": 4 slots x 4,096 tokens of F16 KV cache for Qwen2.5-0.5B are 192 MB.
-    settings = ModelSettings(slots=4, n_ctx=4096)
+    settings = ModelSettings(slots=4, n_ctx=4096, kv_cache_type="f16", kv_keep_mb=64)
     check = check_memory(settings, QWEN_05B, meminfo(MEMINFO))
     assert check.level is Level.OK
-    assert "KV cache 192 for 4 x 4096 tokens" in check.detail
-    assert check.detail.startswith("needs ~756 MiB")
+    assert "KV cache 192 for 4 x 4096 tokens f16" in check.detail
+    assert check.detail.startswith("needs ~806 MiB")
     q8 = check_memory(ModelSettings(slots=4, n_ctx=4096, kv_cache_type="q8_0"), QWEN_05B, {})
     assert q8.level is Level.WARN  # no /proc/meminfo
     half = check_memory(
@@ -417,7 +417,7 @@ def test_memory_too_small_fails_and_busy_memory_warns() -> None:
     big = ModelSettings(slots=16, n_ctx=32768)
     check = check_memory(big, QWEN_05B, meminfo(MEMINFO))
     assert check.level is Level.FAIL
-    assert "lower [model] slots or n_ctx" in check.fix
+    assert "lower slots, n_ctx" in check.fix
     tight = meminfo(MEMINFO.replace("1500000", "500000"))
     warned = check_memory(ModelSettings(), QWEN_05B, tight)
     assert warned.level is Level.WARN
@@ -427,7 +427,7 @@ def test_memory_too_small_fails_and_busy_memory_warns() -> None:
 
 
 def test_memory_above_the_units_limit_warns() -> None:
-    big = ModelSettings(slots=8, n_ctx=16384)  # 1.5 GiB of KV cache for Qwen2.5-0.5B
+    big = ModelSettings(slots=8, n_ctx=16384, kv_cache_type="f16")  # 1.5 GiB of KV cache
     lots = meminfo("MemTotal: 8000000 kB\nMemAvailable: 7000000 kB\n")
     assert check_memory(big, QWEN_05B, lots).level is Level.OK
     check = check_memory(big, QWEN_05B, lots, unit_limit=1600 * 1024 * 1024)
