@@ -294,8 +294,8 @@ class Scheduler:
         how many leading tokens of `prompt` it holds (`public`: how many hold no client content).
 
         Best: the slot that still holds this conversation. Else its saved KV is restored into a
-        free slot, or, with none saved, the slot with the most reusable prefix is used (see
-        _reusable). The KV of the conversation that held the slot before is saved first.
+        free slot, or, with none saved, the slot it claims most (see _claim). The KV of the
+        conversation that held the slot before is saved first.
         """
         for slot in free:
             if slot.owner == key:
@@ -303,9 +303,7 @@ class Scheduler:
         saved = self._kv.take(key)  # only ever this very conversation's
         reusable = 0
         if saved is None:
-            slot = max(
-                free, key=lambda s: (self._reusable(s, key[0], prompt, public), s.owner is None)
-            )
+            slot = max(free, key=lambda s: self._claim(s, key[0], prompt, public))
             reusable = self._reusable(slot, key[0], prompt, public)
         else:
             slot = min(free, key=lambda s: (s.owner is not None, len(s.cached)))
@@ -323,6 +321,20 @@ class Scheduler:
                 log.warning("kv_restore_failed", conversation_id=key[1])
                 slot.cached = []
         return slot, reusable
+
+    def _claim(
+        self, slot: Slot, client_id: str, prompt: list[int], public: int
+    ) -> tuple[int, bool, int]:
+        """How much a new conversation wants `slot`: the larger, the better.
+
+        Taking a slot another conversation holds evicts that one's KV: it is saved and restored
+        later (a copy), or, with no room in the store, its whole history is read again at its
+        next turn. A few shared template tokens are not worth that when an empty slot is at
+        hand; a long shared prefix (the same long system prompt, say) is.
+        """
+        reusable = self._reusable(slot, client_id, prompt, public)
+        worth = reusable if slot.owner is None or reusable >= KV_SAVE_MIN_TOKENS else 0
+        return worth, slot.owner is None, reusable
 
     @staticmethod
     def _reusable(slot: Slot, client_id: str, prompt: list[int], public: int) -> int:
