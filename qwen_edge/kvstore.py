@@ -39,6 +39,11 @@ class KvStore:
     def used_bytes(self) -> int:
         return self._used
 
+    @property
+    def free_bytes(self) -> int:
+        """Bytes a state may take without evicting another."""
+        return self._budget - self._used
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -327,14 +327,20 @@ class Scheduler:
     ) -> tuple[int, bool, int]:
         """How much a new conversation wants `slot`: the larger, the better.
 
-        Taking a slot another conversation holds evicts that one's KV: it is saved and restored
-        later (a copy), or, with no room in the store, its whole history is read again at its
-        next turn. A few shared template tokens are not worth that when an empty slot is at
-        hand; a long shared prefix (the same long system prompt, say) is.
+        Taking a slot another conversation holds evicts that one's KV. That is cheap when the
+        store keeps it without dropping another conversation's (a copy out now, a copy back at
+        its next turn) or when it is short; otherwise a whole history is read again later, and
+        that is worth it only for a long shared prefix (the same long system prompt, say), not
+        for a few template tokens while an empty slot is at hand.
         """
         reusable = self._reusable(slot, client_id, prompt, public)
-        worth = reusable if slot.owner is None or reusable >= KV_SAVE_MIN_TOKENS else 0
-        return worth, slot.owner is None, reusable
+        cheap = (
+            slot.owner is None
+            or reusable >= KV_SAVE_MIN_TOKENS
+            or len(slot.cached) < KV_SAVE_MIN_TOKENS
+            or self._engine.seq_state_size(slot.seq) <= self._kv.free_bytes
+        )
+        return reusable if cheap else 0, slot.owner is None, reusable
 
     @staticmethod
     def _reusable(slot: Slot, client_id: str, prompt: list[int], public: int) -> int:

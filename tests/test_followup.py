@@ -34,7 +34,7 @@ def _usage(probe: Probe, message: str, conversation: str, **kw: Any) -> dict[str
     rid = probe.request(
         message, node=NODE, conversation_id=conversation, temperature=0, max_tokens=8, **kw
     )
-    done = probe.collect(rid)[-1]
+    done = probe.collect(rid, timeout=600)[-1]
     assert done["type"] == "done", done
     usage: dict[str, int] = done["usage"]
     return usage
