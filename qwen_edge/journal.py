@@ -85,4 +85,4 @@ class RequestEntry:
             outcome = Outcome(
                 self.client_id, self.request_id, self.topic, self.correlation, tuple(messages)
             )
-        self.journal._finish(self.inbox_id, outcome)
+        self.journal._finish(self.inbox_id, outcome)  # noqa: SLF001  # its own journal's lock

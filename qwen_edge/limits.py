@@ -7,6 +7,10 @@ check is O(1), and memory stays bounded whatever client ids arrive: buckets live
 of MAX_TRACKED_CLIENTS, and a client is in the in-flight table only while the scheduler holds a
 request of it (which the queue bounds). Called from paho's network threads and, for `release`,
 from the inference thread: one lock.
+
+What admit() takes, only its Admission gives back: a duplicate of a request in flight takes
+nothing, so releasing it frees nothing (else a client could reopen its conversation cap by
+sending any request twice).
 """
 
 from __future__ import annotations
@@ -49,6 +53,29 @@ class _InFlight:
     conversations: dict[str, int] = field(default_factory=dict)  # conversation_id -> requests
 
 
+class Admission:
+    """A request let through by ClientLimits.admit; release() once its reply has ended (or it
+    was refused further on). Releasing twice, or an admission that took nothing, is harmless."""
+
+    __slots__ = ("_client_id", "_limits", "_request_id")
+
+    def __init__(self, limits: ClientLimits | None, client_id: str, request_id: str) -> None:
+        self._limits = limits  # None: took nothing (a duplicate of a request in flight)
+        self._client_id = client_id
+        self._request_id = request_id
+
+    @property
+    def counted(self) -> bool:
+        """It holds an in-flight count of its own (not yet released)."""
+        return self._limits is not None
+
+    def release(self) -> None:
+        limits, self._limits = self._limits, None
+        if limits is not None:
+            # Private to all but its Admission: nothing else may free a count it did not take.
+            limits._release(self._client_id, self._request_id)  # noqa: SLF001
+
+
 class ClientLimits:
     def __init__(
         self,
@@ -71,15 +98,18 @@ class ClientLimits:
     def tracked_clients(self) -> int:
         return len(self._buckets)
 
-    def admit(self, client_id: str, request_id: str, conversation_id: str) -> Refusal | None:
-        """None: the request may go on (and counts as in flight until release()); else why not.
-        A request already in flight (a QoS 1 redelivery) passes without cost or count: the
-        scheduler recognises and drops it."""
+    def admit(
+        self, client_id: str, request_id: str, conversation_id: str, *, charge: bool = True
+    ) -> Admission | Refusal:
+        """An Admission: the request may go on (and counts as in flight until its release());
+        else why not. A request already in flight (a QoS 1 redelivery) passes without cost or
+        count, and its Admission takes nothing: the scheduler recognises and drops it.
+        `charge` False: its rate token was taken already (checked while the model loaded)."""
         with self._lock:
             inflight = self._inflight.get(client_id)
             if inflight is not None and request_id in inflight.requests:
-                return None
-            refusal = self._take_token(client_id) if self._rate > 0 else None
+                return Admission(None, client_id, request_id)
+            refusal = self._take_token(client_id) if self._rate > 0 and charge else None
             if refusal is None and self._max_open > 0 and inflight is not None:
                 open_now = len(inflight.conversations)
                 if conversation_id not in inflight.conversations and open_now >= self._max_open:
@@ -96,10 +126,18 @@ class ClientLimits:
             inflight.conversations[conversation_id] = (
                 inflight.conversations.get(conversation_id, 0) + 1
             )
-        return None
+        return Admission(self, client_id, request_id)
 
-    def release(self, client_id: str, request_id: str) -> None:
-        """The request's reply has ended (or it was refused after admit)."""
+    def charge(self, client_id: str) -> Refusal | None:
+        """Only the rate check (a token taken, or why not): for a request kept while the model
+        loads, which admit(charge=False) counts in flight once it is served."""
+        if self._rate <= 0:
+            return None
+        with self._lock:
+            return self._take_token(client_id)
+
+    def _release(self, client_id: str, request_id: str) -> None:
+        """The request's reply has ended (or it was refused after admit); via Admission."""
         with self._lock:
             inflight = self._inflight.get(client_id)
             if inflight is None:

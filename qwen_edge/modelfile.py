@@ -148,7 +148,7 @@ class _Reader:
 def _check_layout(buf: mmap.mmap, size: int) -> tuple[int, int, int, str | None]:
     """Walk the header, metadata and tensor table; -> (version, tensors, kv, architecture)."""
     r = _Reader(buf, size)
-    r._take(4)  # magic, checked by the caller
+    r._take(4)  # noqa: SLF001  # magic, checked by the caller; same module as _Reader
     version = r.u32()
     if version not in SUPPORTED_VERSIONS:
         raise ModelError(f"unsupported GGUF version {version}")

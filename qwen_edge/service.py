@@ -1,7 +1,8 @@
 """Wires the parts and runs the node's life: load, connect, serve, drain, stop.
 
 Start: open the state store -> connect -> verify the model file -> load the model -> serve the
-requests kept in the inbox -> join the pool -> READY=1.
+requests kept in the inbox -> join the pool and prove it with a probe -> online, READY=1.
+`online` goes out only when true: every subscription acknowledged (again after each reconnect).
 Stop (SIGTERM/SIGINT): STOPPING=1 -> leave the pool -> stop intake -> finish or cancel in-flight
 replies -> publish offline -> disconnect -> exit 0.
 
@@ -13,10 +14,10 @@ the failover watches). Why two: docs/protocol.md, "Fleet".
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import threading
 import time
-from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 
@@ -26,20 +27,26 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
+from .fakeengine import open_fake
 from .homeassistant import Announcer
 from .journal import RequestJournal
-from .limits import ClientLimits
+from .limits import ClientLimits, Refusal
 from .modelfile import ModelError, verify_model_file
-from .mqtt import Inbound, MqttLink
+from .mqtt import Inbound, MqttLink, Subscription
 from .protocol import (
+    PROBE_CLIENT,
+    ChatRequest,
     ErrorCode,
     FleetTopics,
     InboundTopic,
+    NodeState,
+    PoolProbe,
     RequestError,
+    Stats,
+    Status,
     TopicKind,
     Topics,
     WatchKind,
-    encode,
     parse_cancel,
     parse_request,
 )
@@ -52,6 +59,9 @@ log = structlog.get_logger("qwen_edge.service")
 
 EXIT_OK = 0
 EXIT_MODEL = 3  # systemd: RestartPreventExitStatus=3, a bad model file will not get better
+# Seconds the pool probe may take to come back through the shared subscription (milliseconds on
+# a working broker) before the node gives up the pool.
+PROBE_TIMEOUT = 5.0
 
 
 def package_version() -> str:
@@ -81,39 +91,66 @@ class Service:
         self._intake_lock = threading.Lock()
         self._intake_open = False  # the model is loaded and the requests kept meanwhile handed on
         self._early: list[Inbound] = []  # delivered while loading and not in the inbox
+        # Requests kept while the model loads (in the inbox or _early), at most what the
+        # scheduler takes at once; more get `busy` at once.
+        self._kept_while_loading = 0
+        self._keep_max = settings.model.slots + settings.model.queue_size
         self._journal: RequestJournal | None = None
         self._limits = ClientLimits(settings.limits)
         self._homeassistant = Announcer(  # Home Assistant discovery: see _on_link_connected
             settings, self.model_name, self.version, state_directory(settings.service.state_dir)
         )
+        self._pool_proven = False  # the probe came back through the shared subscription
+        self._pool_failed = False  # it did not: this node serves its own topics only
+        self._probe_nonce = secrets.token_hex(8)
+        self._probe_back = threading.Event()
+        self._online = False  # "online" published on this connection of the main link
 
     # -- status --------------------------------------------------------------------------------
 
-    def _status(self, state: str, **extra: object) -> bytes:
-        return encode(
-            {
-                "state": state,
-                "node": self.settings.node_id,
-                "model": self.model_name,
-                "version": self.version,
-                "protocol": 1,
-                # Pool members count one another by it (failover leader; `qwen-edge fleet`).
-                **({"group": self.fleet.group} if self.fleet else {}),
-                **extra,
-            }
-        )
+    def _status(
+        self,
+        state: NodeState,
+        *,
+        slots: int | None = None,
+        pid: int | None = None,
+        reason: str | None = None,
+    ) -> bytes:
+        return Status(
+            state=state,
+            node=self.settings.node_id,
+            model=self.model_name,
+            version=self.version,
+            # Pool members count one another by it (failover leader; `qwen-edge fleet`).
+            # Absent once the pool probe failed: the node is then no member.
+            group=self.fleet.group if self.fleet and not self._pool_failed else None,
+            slots=slots,
+            pid=pid,
+            reason=reason,
+        ).encode()
 
     def _on_connected(self) -> None:
-        # Every (re)connect: say what this node is doing. The will covers unclean loss.
+        # Every (re)connect: `starting` while the model loads; `online` waits for the SUBACKs.
+        self._announce(starting=True)
+
+    def _on_link_lost(self) -> None:
+        self._online = False  # to be said again once this connection is subscribed
+
+    def _announce(self, starting: bool = False) -> None:
+        """Publish the status when it is true: `starting` (on connect, model loading), or
+        `online` once the model is loaded and _serving() holds: a request sent from now on is
+        served. Called whenever one of those may have become true. The will covers loss."""
         assert self._link is not None
         with self._intake_lock:  # so a late "starting" can never follow "online"
             if self._stop.is_set() or not self._link.connected.is_set():
                 return
             if self._scheduler is None:
-                self._link.publish_status(self._status("starting", pid=os.getpid()))
-            else:
+                if starting:
+                    self._link.publish_status(self._status(NodeState.STARTING, pid=os.getpid()))
+            elif not self._online and self._serving():
+                self._online = True
                 self._link.publish_status(
-                    self._status("online", slots=self.settings.model.slots, pid=os.getpid())
+                    self._status(NodeState.ONLINE, slots=self.settings.model.slots, pid=os.getpid())
                 )
 
     def _on_link_connected(self) -> None:
@@ -130,31 +167,79 @@ class Service:
         inbound = self.topics.parse(msg.topic)
         if inbound is None:
             return
+        if msg.retained:
+            self._drop_retained(msg)
+            return
         if not self._intake_open:
             with self._intake_lock:
                 if not self._intake_open:
-                    # Queued for us in the broker session while we were away; the model is
-                    # still loading. Kept (a request in the inbox, so that it survives a crash
-                    # too), and served as soon as the model is ready.
-                    assert self._journal is not None
-                    if inbound.kind is not TopicKind.REQUEST or (
-                        self._journal.store.accept(
-                            msg.topic, msg.payload, msg.response_topic, msg.correlation
-                        )
-                        is None
-                    ):
-                        self._early.append(msg)
+                    self._keep_while_loading(inbound, msg)
                     return
         self._on_inbound(inbound, msg, self.topics)
+
+    def _drop_retained(self, msg: Inbound) -> None:
+        """A retained request or cancel is never acted on: the broker would hand it out again
+        on every (re)subscribe, long after its sender meant it (docs/protocol.md)."""
+        log.warning("retained_dropped", topic=msg.topic, reason="retained request or cancel")
+
+    def _keep_while_loading(self, inbound: InboundTopic, msg: Inbound) -> None:
+        """The model is still loading (and the broker hands on what it queued for us while we
+        were away). A request is checked as far as it can be without the model, payload and
+        rate, and kept in the inbox (so that it survives a crash too), up to what the scheduler
+        takes at once; the rest get `busy` now. Served as soon as the model is ready.
+        Called with the intake lock held."""
+        assert self._journal is not None
+        if inbound.kind is TopicKind.CANCEL:
+            if len(self._early) < self._keep_max:
+                self._early.append(msg)
+            else:
+                log.warning("cancel_dropped_while_loading", client_id=inbound.client_id)
+            return
+        client_id = inbound.client_id
+        parsed = parse_request(msg.payload, self.settings.mqtt.max_payload)
+        if isinstance(parsed, RequestError):
+            self._send_error(client_id, parsed, msg, self.topics)
+            return
+        where = self._reply_topic(client_id, parsed, msg, self.topics)
+        if where is None:
+            return
+        refusal = self._limits.charge(client_id)
+        if refusal is None and self._kept_while_loading >= self._keep_max:
+            refusal = Refusal(
+                ErrorCode.BUSY,
+                f"the model is loading and {self._keep_max} requests wait for it; retry later",
+            )
+        if refusal is not None:
+            assert self._link is not None
+            stream = ReplyStream(self._link.publish, where[0], parsed.request_id, where[1])
+            stream.error(refusal.code, refusal.message, refusal.retry_after)
+            if refusal.code is ErrorCode.BUSY:
+                log.info("request_refused", client_id=client_id, code=refusal.code.value)
+            return
+        self._kept_while_loading += 1
+        kept = self._journal.store.accept(
+            msg.topic, msg.payload, msg.response_topic, msg.correlation
+        )
+        if kept is None:  # the store failed (logged there): kept in memory instead
+            self._early.append(msg)
 
     def _on_pool_message(self, msg: Inbound) -> None:
         """From the pool link: pooled requests and cancels, pooled replies, node statuses."""
         assert self.fleet is not None and self._failover is not None
         route = self.fleet.parse(msg.topic)
         if isinstance(route, InboundTopic):
-            self._on_inbound(route, msg, self.fleet.pool)
+            if route.client_id == PROBE_CLIENT:
+                if route.kind is TopicKind.REQUEST:
+                    self._on_probe(msg.payload, echoed=False)
+            elif msg.retained:
+                self._drop_retained(msg)
+            else:
+                self._on_inbound(route, msg, self.fleet.pool)
         elif route is not None and route.kind is WatchKind.REPLY:
-            self._failover.on_reply(msg.topic, msg.payload, msg.correlation)
+            if route.name == PROBE_CLIENT:
+                self._on_probe(msg.payload, echoed=True)
+            else:
+                self._failover.on_reply(msg.topic, msg.payload, msg.correlation)
         elif route is not None and route.kind is WatchKind.STATUS:
             self._failover.on_status(route.name, msg.payload, msg.retained)
 
@@ -178,16 +263,50 @@ class Service:
         if found or not pooled:
             log.info("cancel", client_id=client_id, request_id=cancel.request_id, found=found)
 
+    def _on_probe(self, payload: bytes, echoed: bool) -> None:
+        """A pool probe, never served: ours back (proof that the shared subscription works),
+        or another member's, which the pool handed to us: returned to its sender."""
+        assert self.fleet is not None and self._link is not None
+        probe = PoolProbe.parse(payload)
+        if probe is None:
+            return
+        node, nonce = probe.probe, probe.nonce
+        if node == self.settings.node_id:
+            if nonce == self._probe_nonce:
+                self._probe_back.set()
+        elif not echoed:
+            self._link.publish(self.fleet.probe_echo(node), payload)
+
+    def _reply_topic(
+        self, client_id: str, parsed: ChatRequest, msg: Inbound, topics: Topics
+    ) -> tuple[str, bytes | None] | None:
+        """Where the request's reply goes, and its correlation data; None: its response topic
+        is not the requester's (refused here)."""
+        if msg.response_topic is None:
+            return topics.reply(client_id, parsed.conversation_id), None
+        if topics.allows_response_topic(client_id, msg.response_topic):
+            return msg.response_topic, msg.correlation
+        refusal = RequestError(
+            ErrorCode.FORBIDDEN,
+            f"response topic must lie under {topics.reply_namespace(client_id)}",
+            parsed.request_id,
+            parsed.conversation_id,
+        )
+        self._send_error(client_id, refusal, None, topics)
+        return None
+
     def _on_request(
         self,
         client_id: str,
         msg: Inbound,
         topics: Topics,
         pooled: bool,
+        *,
         inbox_id: int | None = None,
+        charged: bool = False,
     ) -> None:
         """`inbox_id`: the request is already in the inbox (kept while loading, or from before
-        a restart)."""
+        a restart). `charged`: its rate token was taken when it arrived (while loading)."""
         assert self._scheduler is not None and self._link is not None
         assert self._journal is not None
         scheduler, journal = self._scheduler, self._journal
@@ -196,27 +315,20 @@ class Service:
             self._send_error(client_id, parsed, msg, topics)
             journal.discard(inbox_id)
             return
-        topic = topics.reply(client_id, parsed.conversation_id)
-        correlation = None
-        if msg.response_topic is not None:
-            if not topics.allows_response_topic(client_id, msg.response_topic):
-                refusal = RequestError(
-                    ErrorCode.FORBIDDEN,
-                    f"response topic must lie under {topics.reply_namespace(client_id)}",
-                    parsed.request_id,
-                    parsed.conversation_id,
-                )
-                self._send_error(client_id, refusal, None, topics)
-                journal.discard(inbox_id)
-                return
-            topic, correlation = msg.response_topic, msg.correlation
-        release = partial(self._limits.release, client_id, parsed.request_id)
-        limited = self._limits.admit(client_id, parsed.request_id, parsed.conversation_id)
-        if limited is not None:  # before any write; the limiter logs it, not per request
-            refusal_stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
-            refusal_stream.error(limited.code, limited.message, limited.retry_after)
+        where = self._reply_topic(client_id, parsed, msg, topics)
+        if where is None:
             journal.discard(inbox_id)
             return
+        topic, correlation = where
+        admission = self._limits.admit(
+            client_id, parsed.request_id, parsed.conversation_id, charge=not charged
+        )
+        if isinstance(admission, Refusal):  # before any write; the limiter logs it, not per request
+            refusal_stream = ReplyStream(self._link.publish, topic, parsed.request_id, correlation)
+            refusal_stream.error(admission.code, admission.message, admission.retry_after)
+            journal.discard(inbox_id)
+            return
+        release = admission.release
         if inbox_id is None and not pooled:
             # Kept before paho acknowledges the request (when this returns): from then on the
             # broker forgets it, and the inbox serves it after a crash. Pooled requests are
@@ -235,7 +347,7 @@ class Service:
             journal.discard(inbox_id)
             self._replay(refused)
         elif refused is ErrorCode.DUPLICATE:
-            release()  # its stream never ends; the original's count may go early (harmless)
+            release()  # took nothing (the original holds the count), so frees nothing
             journal.discard(inbox_id)
             log.info("duplicate_ignored", client_id=client_id, request_id=parsed.request_id)
         elif refused is not None:
@@ -284,7 +396,10 @@ class Service:
                 self._journal.discard(entry.id)
                 continue
             msg = Inbound(entry.topic, entry.payload, entry.response_topic, entry.correlation)
-            self._on_request(inbound.client_id, msg, self.topics, False, entry.id)
+            # Charged when it arrived (or in the run before a restart, whose buckets are gone).
+            self._on_request(
+                inbound.client_id, msg, self.topics, False, inbox_id=entry.id, charged=True
+            )
 
     def _send_error(
         self, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
@@ -354,34 +469,43 @@ class Service:
         self._link = MqttLink(
             s.mqtt,
             client_id=s.mqtt.client_id or f"qwen-edge-{s.node_id}",
-            subscriptions=self.topics.subscriptions,
+            # Requests and cancels keep their retain flag, so retained ones are recognised.
+            subscriptions=tuple(Subscription(t, True) for t in self.topics.subscriptions),
             on_message=self._on_message,
             on_connected=self._on_link_connected,
+            on_subscribed=self._announce,
+            on_disconnected=self._on_link_lost,
             status_topic=self.topics.status,
-            will_payload=self._status("offline", reason="connection lost"),
+            will_payload=self._status(NodeState.OFFLINE, reason="connection lost"),
         )
         self._link.start()
 
         systemd_notify.notify("STATUS=checking model file")
         began = time.monotonic()
         try:
-            info = verify_model_file(s.model.path, sha256=s.model.sha256)
-            log.info(
-                "model_verified",
-                path=str(s.model.path),
-                bytes=info.size,
-                sha256=info.sha256 is not None,
-                seconds=round(time.monotonic() - began, 2),
-            )
-            systemd_notify.notify("STATUS=loading model")
-            began = time.monotonic()
-            engine = Engine(s.model)
+            # `fake://40ms`: no model, a token every 40 ms (scripts/bench --fleet).
+            engine: Engine | None = open_fake(s.model)
+            if engine is None:
+                info = verify_model_file(s.model.path, sha256=s.model.sha256)
+                log.info(
+                    "model_verified",
+                    path=str(s.model.path),
+                    bytes=info.size,
+                    sha256=info.sha256 is not None,
+                    seconds=round(time.monotonic() - began, 2),
+                )
+                systemd_notify.notify("STATUS=loading model")
+                began = time.monotonic()
+                engine = Engine(s.model)
         except ModelError as exc:
             log.error("model_unusable", error=str(exc))
             systemd_notify.notify(f"STATUS=model unusable: {exc}")
-            self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
+            self._link.stop(self._status(NodeState.OFFLINE, reason="model unusable"), timeout=1.0)
             state.close()
             return EXIT_MODEL
+        # model.memory_mb may have chosen fewer slots, a shorter context or another KV precision:
+        # from here on the settings say what the node runs.
+        s = self.settings = s.model_copy(update={"model": engine.plan.apply(s.model)})
         log.info(
             "model_loaded",
             model=self.model_name,
@@ -408,29 +532,37 @@ class Service:
             self._serve_kept_requests()
             for msg in self._early:
                 inbound = self.topics.parse(msg.topic)
-                if inbound is not None:
+                if inbound is None:
+                    continue
+                if inbound.kind is TopicKind.CANCEL:
                     self._on_inbound(inbound, msg, self.topics)
+                else:  # charged when it arrived
+                    self._on_request(inbound.client_id, msg, self.topics, False, charged=True)
             self._early = []
             self._intake_open = True
-        self._on_connected()  # "online" now if connected, else on connect
-        if self.fleet is not None:
-            # Joins the pool only now, loaded: a loading node would sit on its share of pooled
-            # requests. "online" went out first, so the fleet knows us before our replies.
-            self._failover = Failover(s.node_id, self.fleet.group, self._link.publish)
-            self._pool_link = MqttLink(
-                s.mqtt,
-                client_id=f"{s.mqtt.client_id or f'qwen-edge-{s.node_id}'}-pool",
-                subscriptions=self.fleet.subscriptions,
-                on_message=self._on_pool_message,
-                on_disconnected=self._failover.on_link_down,
-                persistent=False,
-            )
-            self._pool_link.start()
         watchdog = threading.Thread(target=self._watchdog, args=(scheduler,), name="watchdog")
         watchdog.start()
 
         systemd_notify.notify(f"STATUS=connecting to {s.mqtt.host}:{s.mqtt.port}")
         began = time.monotonic()
+        if self.fleet is not None:
+            # Joins the pool only now, loaded: a loading node would sit on its share of pooled
+            # requests. Replies go out on the main link, whose retained status (with the
+            # group) the fleet sees first: `online` waits for the pool's SUBACK and probe.
+            self._failover = Failover(s.node_id, self.fleet.group, self._link.publish)
+            self._pool_link = MqttLink(
+                s.mqtt,
+                client_id=f"{s.mqtt.client_id or f'qwen-edge-{s.node_id}'}-pool",
+                subscriptions=self.fleet_subscriptions(self.fleet),
+                on_message=self._on_pool_message,
+                on_subscribed=self._announce,
+                on_disconnected=self._failover.on_link_down,
+                persistent=False,
+                name="pool",
+            )
+            self._pool_link.start()
+            self._prove_pool(self.fleet, self._pool_link)
+        self._announce()  # "online" now if every subscription is acknowledged, else on SUBACK
         while not self._serving():
             if self._stop.wait(0.05):
                 break
@@ -448,11 +580,58 @@ class Service:
         stats.join()
         return EXIT_OK
 
+    @staticmethod
+    def fleet_subscriptions(fleet: FleetTopics) -> tuple[Subscription, ...]:
+        """Pooled requests and cancels keep their retain flag (retained ones are dropped);
+        statuses do not: there it tells one delivered on subscribing (old news) from a live
+        change, which is what the failover needs."""
+        intake = {fleet.shared_requests, fleet.pool.cancel("+")}
+        return tuple(Subscription(t, t in intake) for t in fleet.subscriptions)
+
+    def _prove_pool(self, fleet: FleetTopics, pool_link: MqttLink) -> None:
+        """Send a probe through the shared subscription and wait for it to come back (to this
+        node, or via the member the pool gave it to). A broker that takes `$share/...` for a
+        plain filter (NATS 2.9) never delivers it: then this node leaves the pool, serves its
+        own topics only and drops `group` from its status, with one error."""
+        probe = PoolProbe(probe=self.settings.node_id, nonce=self._probe_nonce).encode()
+        while not self._stop.is_set():
+            if not pool_link.subscribed.wait(0.05):
+                continue
+            self._probe_back.clear()
+            pool_link.publish(fleet.probe_request, probe)
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            while not self._probe_back.wait(0.05):  # in steps: a stop must not wait for it
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    break
+            if self._stop.is_set():
+                return
+            if self._probe_back.is_set():
+                self._pool_proven = True
+                log.info("pool_joined", group=fleet.group)
+                return
+            if not pool_link.subscribed.is_set():
+                continue  # the link dropped meanwhile: no verdict, probe again
+            log.error(
+                "pool_unavailable",
+                group=fleet.group,
+                subscription=fleet.shared_requests,
+                reason=f"a probe sent to the pool did not come back within {PROBE_TIMEOUT:g} s: "
+                "the broker does not deliver this shared subscription",
+                consequence="serving this node's own topics only; not a member of the pool",
+            )
+            with self._intake_lock:
+                self._pool_failed = True
+                self._pool_link = None
+            pool_link.stop()
+            return
+
     def _serving(self) -> bool:
-        """Both links are subscribed: requests sent from now on reach this node."""
+        """Every subscription is acknowledged (and the pool proven): requests sent from now
+        on reach this node."""
         assert self._link is not None
+        pool = self._pool_link
         return self._link.subscribed.is_set() and (
-            self._pool_link is None or self._pool_link.subscribed.is_set()
+            pool is None or (pool.subscribed.is_set() and self._pool_proven)
         )
 
     def _shutdown(self, scheduler: Scheduler, inference: threading.Thread, engine: Engine) -> None:
@@ -471,7 +650,7 @@ class Service:
         if self._pool_link is not None:
             self._pool_link.stop()
         self._link.wait_flushed(timeout=5.0)
-        self._link.stop(self._status("offline", reason="stopped"))
+        self._link.stop(self._status(NodeState.OFFLINE, reason="stopped"))
         engine.close()
         log.info("stopped", seconds=round(time.monotonic() - began, 2))
 
@@ -487,19 +666,17 @@ class Service:
             active, queued = scheduler.load
             self._link.publish_retained(
                 self.topics.stats,
-                encode(
-                    {
-                        "node": self.settings.node_id,
-                        "model": self.model_name,
-                        "uptime_s": round(time.monotonic() - self._started, 1),
-                        "slots": self.settings.model.slots,
-                        "active_slots": active,
-                        "queue_depth": queued,
-                        "tokens_per_s": round(rate, 2),
-                        "requests_done": scheduler.requests_done,
-                        "ts": round(time.time(), 3),
-                    }
-                ),
+                Stats(
+                    node=self.settings.node_id,
+                    model=self.model_name,
+                    uptime_s=round(time.monotonic() - self._started, 1),
+                    slots=self.settings.model.slots,
+                    active_slots=active,
+                    queue_depth=queued,
+                    tokens_per_s=round(rate, 2),
+                    requests_done=scheduler.requests_done,
+                    ts=round(time.time(), 3),
+                ).encode(),
             )
             if self._stop.wait(interval):
                 return

@@ -68,7 +68,12 @@ class MqttSettings(_Section):
         0.5, gt=0, description="First reconnect delay after the link drops (seconds)."
     )
     reconnect_max_delay: float = Field(
-        30.0, gt=0, description="Longest reconnect delay; the delay doubles up to it (seconds)."
+        5.0,
+        gt=0,
+        description=(
+            "Longest reconnect delay; the delay doubles up to it (seconds). Short, so the node "
+            "is back within seconds of the broker's return."
+        ),
     )
     max_payload: int = Field(
         65536, ge=256, description="Largest request payload accepted (bytes); larger -> too_large."
@@ -139,7 +144,7 @@ class ModelSettings(_Section):
         16, ge=0, le=1024, description="Requests that may wait for a free slot before 'busy'."
     )
     kv_keep_mb: int = Field(
-        64,
+        24,
         ge=0,
         le=65536,
         description="RAM for KV state of conversations waiting for their next turn (MiB).",
@@ -149,7 +154,16 @@ class ModelSettings(_Section):
         True, description="Flash attention: less memory, faster with several slots decoding."
     )
     kv_cache_type: Literal["f16", "q8_0"] = Field(
-        "f16", description="KV cache precision; q8_0 halves its memory (needs flash_attn)."
+        "q8_0",
+        description="KV cache precision: q8_0 takes half the memory of f16; f16 is used where "
+        "llama.cpp cannot quantise it (flash_attn off, heads not a multiple of 32 wide).",
+    )
+    memory_mb: int | None = Field(
+        None,
+        ge=64,
+        le=1048576,
+        description="Memory budget of the daemon (MiB): it then picks KV precision, kept-KV store, "
+        "slots and n_ctx (at most as set) to fit, and logs the choice; unset: as set.",
     )
 
     @field_validator("sha256")
