@@ -51,6 +51,11 @@ class KvStore:
     def used_bytes(self) -> int:
         return self._used
 
+    @property
+    def free_bytes(self) -> int:
+        """Bytes a state may take without evicting another."""
+        return self._budget - self._used
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -138,8 +143,8 @@ class Slots:
         how many leading tokens of `prompt` it holds (`public`: how many hold no client content).
 
         Best: the slot that still holds this conversation. Else its saved KV is restored into a
-        free slot, or, with none saved, the slot with the most reusable prefix is used (see
-        _reusable). The KV of the conversation that held the slot before is saved first.
+        free slot, or, with none saved, the slot it claims most (see _claim). The KV of the
+        conversation that held the slot before is saved first.
         """
         for slot in free:
             if slot.owner == key:
@@ -147,9 +152,7 @@ class Slots:
         saved = self._kv.take(key)  # only ever this very conversation's
         reusable = 0
         if saved is None:
-            slot = max(
-                free, key=lambda s: (self._reusable(s, key[0], prompt, public), s.owner is None)
-            )
+            slot = max(free, key=lambda s: self._claim(s, key[0], prompt, public))
             reusable = self._reusable(slot, key[0], prompt, public)
         else:
             slot = min(free, key=lambda s: (s.owner is not None, len(s.cached)))
@@ -167,6 +170,26 @@ class Slots:
             else:
                 log.warning("kv_restore_failed", conversation_id=key[1])
         return slot, reusable
+
+    def _claim(
+        self, slot: Slot, client_id: str, prompt: list[int], public: int
+    ) -> tuple[int, bool, int]:
+        """How much a new conversation wants `slot`: the larger, the better.
+
+        Taking a slot another conversation holds evicts that one's KV. That is cheap when the
+        store keeps it without dropping another conversation's (a copy out now, a copy back at
+        its next turn) or when it is short; otherwise a whole history is read again later, and
+        that is worth it only for a long shared prefix (the same long system prompt, say), not
+        for a few template tokens while an empty slot is at hand.
+        """
+        reusable = self._reusable(slot, client_id, prompt, public)
+        cheap = (
+            slot.owner is None
+            or reusable >= KV_SAVE_MIN_TOKENS
+            or len(slot.cached) < KV_SAVE_MIN_TOKENS
+            or self._engine.seq_state_size(slot.seq) <= self._kv.free_bytes
+        )
+        return reusable if cheap else 0, slot.owner is None, reusable
 
     @staticmethod
     def _reusable(slot: Slot, client_id: str, prompt: list[int], public: int) -> int:
