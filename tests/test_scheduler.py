@@ -489,3 +489,17 @@ def test_follow_ups_reuse_all_their_kv_through_evictions_and_restores(make: Make
                     usage["cached_tokens"] == before["prompt_tokens"] + before["completion_tokens"]
                 )
             last[conversation] = usage
+
+
+def test_a_new_conversation_takes_an_empty_slot_rather_than_evict_a_long_history(
+    make: Make,
+) -> None:
+    """With no room to keep evicted KV, sharing a few template tokens is not worth a whole
+    history read again: the follow-up still finds all of its KV."""
+    node = make(slots=2, kv_keep_bytes=0)
+    history = "notes: " + "apples, pears, plums. " * 5
+    first = node.ask("a1", history, conversation_id="a")
+    node.ask("b1", "hi", conversation_id="b")
+    end = node.ask("a2", "which fruits?", conversation_id="a")
+    usage = first["usage"]
+    assert end["usage"]["cached_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
