@@ -459,13 +459,41 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
+# The bits of the kernel's AT_HWCAP / AT_HWCAP2 (arch/arm64/include/uapi/asm/hwcap.h) for the
+# flags ARM_FEATURES asks about; /proc/cpuinfo's Features line prints the same names.
+ARM_HWCAP = {1: "asimd", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+ARM_HWCAP2 = {13: "i8mm"}
+AT_HWCAP, AT_HWCAP2 = 16, 26
+
+
+def arm_hwcap_flags(hwcap: int, hwcap2: int) -> set[str]:
+    """The ARM_FEATURES flags among an aarch64 process's hardware capability bits."""
+    return {name for bit, name in ARM_HWCAP.items() if hwcap >> bit & 1} | {
+        name for bit, name in ARM_HWCAP2.items() if hwcap2 >> bit & 1
+    }
+
+
+def _hwcaps() -> tuple[int, int]:
+    """This process's AT_HWCAP and AT_HWCAP2 (0, 0 where libc has no getauxval)."""
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return 0, 0
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return int(getauxval(AT_HWCAP)), int(getauxval(AT_HWCAP2))
+
+
 def built_features(system_info: str) -> set[str]:
     """Features llama.cpp was compiled with, from llama_print_system_info()."""
     return {name for name, on in re.findall(r"(\w+) = (\d+)", system_info) if on == "1"}
 
 
-def check_cpu(machine: str, cpuinfo: str, system_info: str, rebuild: str) -> Check:
-    flags = cpu_flags(cpuinfo)
+def check_cpu(
+    machine: str, cpuinfo: str, system_info: str, rebuild: str, hwcaps: set[str] | None = None
+) -> Check:
+    """hwcaps: on aarch64, the CPU's flags as the kernel hands them to this process. They win over
+    /proc/cpuinfo, which under qemu-user (scripts/arm64-check) describes the host's x86 CPU."""
+    flags = hwcaps or cpu_flags(cpuinfo)
     built = built_features(system_info)
     table: tuple[tuple[str, str, bool], ...]
     if machine in ("x86_64", "amd64", "i686"):
@@ -523,7 +551,9 @@ def _llama_cpu_check() -> Check:
     except OSError:
         cpuinfo = ""
     rebuild = FIX_REBUILD.format(python=sys.executable, version=version)
-    return check_cpu(platform.machine(), cpuinfo, info, rebuild)
+    machine = platform.machine()
+    hwcaps = arm_hwcap_flags(*_hwcaps()) if machine in ("aarch64", "arm64") else None
+    return check_cpu(machine, cpuinfo, info, rebuild, hwcaps)
 
 
 # -- memory ----------------------------------------------------------------------------------------
