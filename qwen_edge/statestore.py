@@ -28,6 +28,8 @@ from typing import TypeVar
 
 import structlog
 
+from .settings import DEFAULT_STATE_DIR
+
 log = structlog.get_logger("qwen_edge.statestore")
 
 FILE_NAME = "history.db"
@@ -549,8 +551,8 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def state_directory(configured: Path | None) -> Path:
-    """The configured directory, else systemd's $STATE_DIRECTORY, else /var/lib/qwen-edge."""
+    """The configured directory, else systemd's $STATE_DIRECTORY, else DEFAULT_STATE_DIR."""
     if configured is not None:
         return configured
     from_systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(from_systemd) if from_systemd else Path("/var/lib/qwen-edge")
+    return Path(from_systemd) if from_systemd else DEFAULT_STATE_DIR
