@@ -130,7 +130,7 @@ class Intake:
         if inbound is None:
             return
         if msg.retained:
-            self._drop_retained(msg)
+            drop_retained(msg)
             return
         if not self._open:
             with self._lock:
@@ -149,7 +149,7 @@ class Intake:
                 if route.kind is TopicKind.REQUEST:
                     self._on_probe(msg.payload, False)
             elif msg.retained:
-                self._drop_retained(msg)
+                drop_retained(msg)
             else:
                 self._on_inbound(route, msg, self._fleet.pool)
         elif route is not None and route.kind is WatchKind.REPLY:
@@ -159,11 +159,6 @@ class Intake:
                 self._failover.on_reply(msg.topic, msg.payload, msg.correlation)
         elif route is not None and route.kind is WatchKind.STATUS:
             self._failover.on_status(route.name, msg.payload, msg.retained)
-
-    def _drop_retained(self, msg: Inbound) -> None:
-        """A retained request or cancel is never acted on: the broker would hand it out again
-        on every (re)subscribe, long after its sender meant it (docs/protocol.md)."""
-        log.warning("retained_dropped", topic=msg.topic, reason="retained request or cancel")
 
     def _keep_while_loading(self, inbound: InboundTopic, msg: Inbound) -> None:
         """The model is still loading (and the broker hands on what it queued for us while we
@@ -180,7 +175,7 @@ class Intake:
         client_id = inbound.client_id
         parsed = parse_request(msg.payload, self._max_payload)
         if isinstance(parsed, RequestError):
-            self._send_error(client_id, parsed, msg, self.topics)
+            send_error(self._publish, client_id, parsed, msg, self.topics)
             return
         where = self._reply_topic(client_id, parsed, msg, self.topics)
         if where is None:
@@ -215,7 +210,7 @@ class Intake:
         if isinstance(cancel, RequestError):
             # Every node gets a pooled cancel; one of them answers a bad one.
             if not pooled or (self._failover is not None and self._failover.is_leader()):
-                self._send_error(client_id, cancel, None, topics)
+                send_error(self._publish, client_id, cancel, None, topics)
             return
         # A pooled cancel reaches every node; only the one holding the request finds it.
         found = self._scheduler.cancel(client_id, cancel.request_id)
@@ -256,7 +251,7 @@ class Intake:
         """Payload, response topic and the client's limits; None: refused and answered."""
         parsed = parse_request(msg.payload, self._max_payload)
         if isinstance(parsed, RequestError):
-            self._send_error(client_id, parsed, msg, topics)
+            send_error(self._publish, client_id, parsed, msg, topics)
             return None
         where = self._reply_topic(client_id, parsed, msg, topics)
         if where is None:
@@ -344,8 +339,6 @@ class Intake:
                 inbound.client_id, msg, self.topics, False, inbox_id=entry.id, charged=True
             )
 
-    # -- answers that are not jobs -------------------------------------------------------------
-
     def _reply_topic(
         self, client_id: str, parsed: ChatRequest, msg: Inbound, topics: Topics
     ) -> tuple[str, bytes | None] | None:
@@ -361,27 +354,32 @@ class Intake:
             parsed.request_id,
             parsed.conversation_id,
         )
-        self._send_error(client_id, refusal, None, topics)
+        send_error(self._publish, client_id, refusal, None, topics)
         return None
 
-    def _send_error(
-        self, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
-    ) -> None:
-        """An error for a request that never became a job: on its reply topic when we know it,
-        else on the client's error topic."""
-        correlation = None
-        if error.request_id is not None and error.conversation_id is not None:
-            topic = topics.reply(client_id, error.conversation_id)
-            if (
-                msg is not None
-                and msg.response_topic is not None
-                and (topics.allows_response_topic(client_id, msg.response_topic))
-            ):
-                topic, correlation = msg.response_topic, msg.correlation
-        else:
-            topic = topics.error(client_id)
-        stream = ReplyStream(self._publish, topic, error.request_id, correlation)
-        stream.error(error.code, error.message)
-        log.info(
-            "request_rejected", client_id=client_id, code=error.code.value, error=error.message
-        )
+
+def drop_retained(msg: Inbound) -> None:
+    """A retained request or cancel is never acted on: the broker would hand it out again on
+    every (re)subscribe, long after its sender meant it (docs/protocol.md)."""
+    log.warning("retained_dropped", topic=msg.topic, reason="retained request or cancel")
+
+
+def send_error(
+    publish: Publish, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
+) -> None:
+    """An error for a request that never became a job: on its reply topic when we know it,
+    else on the client's error topic."""
+    correlation = None
+    if error.request_id is not None and error.conversation_id is not None:
+        topic = topics.reply(client_id, error.conversation_id)
+        if (
+            msg is not None
+            and msg.response_topic is not None
+            and (topics.allows_response_topic(client_id, msg.response_topic))
+        ):
+            topic, correlation = msg.response_topic, msg.correlation
+    else:
+        topic = topics.error(client_id)
+    stream = ReplyStream(publish, topic, error.request_id, correlation)
+    stream.error(error.code, error.message)
+    log.info("request_rejected", client_id=client_id, code=error.code.value, error=error.message)
