@@ -32,11 +32,10 @@ CHATML_TEMPLATE: Final = (
 
 
 class DecodeError(Exception):
-    """llama_decode failed; `no_space` means the KV cache had no room for the batch."""
+    """llama_decode failed (1: the KV cache had no room for the batch)."""
 
     def __init__(self, code: int) -> None:
         super().__init__(f"llama_decode returned {code}")
-        self.no_space = code == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +210,6 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
         self.threads = threads
-        self.model_bytes = int(llama_cpp.llama_model_size(model))
 
         self._formatter = Jinja2ChatFormatter(
             template=self._chat_template(),
