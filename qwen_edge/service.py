@@ -106,8 +106,7 @@ class Service:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         state, conversations = self._open_state()
-        # Connect first, so devices see "starting" while a slow device loads the model.
-        self._link.start()
+        self._link.start()  # first, so devices see "starting" while a slow device loads
         engine = self._load_model()
         if engine is None:
             self._link.stop(self.health.status("offline", reason="model unusable"), timeout=1.0)
@@ -203,7 +202,8 @@ class Service:
         )
         inference = threading.Thread(target=scheduler.run, name="inference")
         inference.start()
-        self._intake.open(scheduler)
+        with phase("intake_opened"):
+            self._intake.open(scheduler)
         self.health.loaded(scheduler)
         self.health.start_watchdog()
         return scheduler, inference
