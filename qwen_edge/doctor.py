@@ -19,17 +19,17 @@ import ssl
 import stat
 import sys
 import threading
-import uuid
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .protocol import Topics
+from . import mqttclient
+from .budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
+from .protocol import NodeState, Status, Topics
 from .settings import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_MODELS_DIR,
@@ -40,15 +40,10 @@ from .settings import (
     Settings,
     load_settings,
 )
-from .tls import apply_credentials, client_context
+from .tls import client_context
 
 EXIT_FAILED = 1
 MIB = 1024 * 1024
-# Python, its libraries, llama.cpp's compute and output buffers and repacked weights, measured
-# with Qwen2.5-0.5B (README, "Performance"): what the daemon needs beyond the model and KV cache.
-RUNTIME_OVERHEAD = 100 * MIB
-# Bytes per KV cache element.
-KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 # MQTT 5 CONNACK reason codes (paho maps MQTT 3.1.1's return codes 4 and 5 onto them).
 BAD_CREDENTIALS = 134
 NOT_AUTHORISED = 135
@@ -80,12 +75,7 @@ class Check:
 class ModelFacts:
     size: int  # bytes
     kv_elements_per_token: int  # K and V values of every layer for one token
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStatus:
-    state: str | None  # None: no retained status
-    payload: dict[str, Any]
+    head_dim: int = 64  # width of a K/V head (model.memory_mb may choose q8_0 if 32 divides it)
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -220,12 +210,9 @@ class BrokerSession:
         self.reason: ReasonCode | None = None
         self.status: bytes | None = None
         mqtt = settings.mqtt
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"qwen-edge-doctor-{uuid.uuid4().hex[:8]}",
-            protocol=paho.MQTTv5 if mqtt.protocol == "5" else paho.MQTTv311,
+        self.client = mqttclient.new_client(
+            mqtt, mqttclient.client_id_for(mqtt, "qwen-edge-doctor"), tls=tls
         )
-        apply_credentials(self.client, mqtt, tls)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
@@ -250,7 +237,7 @@ class BrokerSession:
         mqtt = self.settings.mqtt
         who = f"user {mqtt.username!r}" if mqtt.username else "anonymous"
         try:
-            self.client.connect(mqtt.host, mqtt.port, keepalive=30)
+            mqttclient.connect(self.client, mqtt)
         except OSError as exc:
             return Check("credentials", Level.FAIL, f"connection failed: {exc}", _broker_fix(mqtt))
         self.client.loop_start()
@@ -285,31 +272,26 @@ class BrokerSession:
             )
         return Check("credentials", Level.OK, f"connected as {who} (MQTT {mqtt.protocol})")
 
-    def node_status(self) -> NodeStatus:
-        """The node's retained status, which the broker sends right after the subscription."""
+    def node_status(self) -> Status | None:
+        """The node's retained status, which the broker sends right after the subscription;
+        None when there is none."""
         self.client.subscribe(self.status_topic, qos=1)
         if self._subscribed.wait(self.timeout):
             # mosquitto sends retained messages just after the SUBACK.
             self._status_seen.wait(min(self.timeout, 1.0))
         if self.status is None:
-            return NodeStatus(None, {})
-        try:
-            payload = json.loads(self.status)
-        except ValueError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {}
-        return NodeStatus(str(payload.get("state", "unreadable")), payload)
+            return None
+        return Status.parse(self.status) or Status(state="unreadable", protocol=None)
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
 
-def check_node(settings: Settings, status: NodeStatus) -> Check:
+def check_node(settings: Settings, status: Status | None) -> Check:
     node = settings.node_id
     start = "systemctl start qwen-edge; journalctl -u qwen-edge -e shows why it is not running"
-    if status.state is None:
+    if status is None:
         return Check(
             "node",
             Level.WARN,
@@ -317,21 +299,20 @@ def check_node(settings: Settings, status: NodeStatus) -> Check:
             "connected to this broker",
             f"{start}; or make node_id and topic_prefix match the daemon's",
         )
-    model = status.payload.get("model")
-    if status.state == "online":
+    model = status.model
+    if status.state == NodeState.ONLINE:
         return Check("node", Level.OK, f"node {node!r} is online (model {model})")
-    if status.state == "starting":
+    if status.state == NodeState.STARTING:
         return Check(
             "node",
             Level.WARN,
             f"node {node!r} is starting (loading model {model})",
             "wait a few seconds; if it stays, journalctl -u qwen-edge -e",
         )
-    reason = status.payload.get("reason")
     return Check(
         "node",
         Level.WARN,
-        f"node {node!r} is {status.state} ({reason or 'no reason given'})",
+        f"node {node!r} is {status.state} ({status.reason or 'no reason given'})",
         start,
     )
 
@@ -382,7 +363,7 @@ def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
         head_dim = num("attention.key_length") or (embd // heads if heads else 0)
     finally:
         llama_cpp.llama_model_free(model)
-    return ModelFacts(path.stat().st_size, 2 * layers * kv_heads * head_dim)
+    return ModelFacts(path.stat().st_size, 2 * layers * kv_heads * head_dim, head_dim)
 
 
 def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
@@ -579,20 +560,30 @@ def check_memory(
     """The daemon's needs (README, "Performance": model, KV cache of every slot, kept KV state,
     runtime) against this device's memory and the systemd unit's MemoryMax=. `daemon_rss`:
     memory a running daemon already holds, which it would give back on a restart."""
-    per_token = facts.kv_elements_per_token * KV_ELEMENT_BYTES[model.kv_cache_type]
-    kv = int(model.slots * model.n_ctx * per_token)
-    keep = model.kv_keep_mb * MIB
-    need = facts.size + kv + keep + RUNTIME_OVERHEAD
+    fix = (
+        "set [model] memory_mb to what the node may use, lower slots, n_ctx or kv_keep_mb, "
+        "or use a smaller model"
+    )
+    try:
+        plan = plan_memory(model, facts.size, facts.kv_elements_per_token, facts.head_dim)
+    except BudgetError as exc:
+        return Check("memory", Level.FAIL, str(exc), "raise [model] memory_mb")
+    need = plan.need_bytes
     total = mem.get("MemTotal", 0)
     available = mem.get("MemAvailable", 0) + daemon_rss
-    parts = (
-        f"needs ~{need / MIB:.0f} MiB (model {facts.size / MIB:.0f}, KV cache {kv / MIB:.0f} for "
-        f"{model.slots} x {model.n_ctx} tokens, kept KV {keep / MIB:.0f}, runtime "
-        f"{RUNTIME_OVERHEAD / MIB:.0f}); {available / MIB:.0f} of {total / MIB:.0f} MiB available"
+    # With memory_mb the daemon runs what the budget lets it: say what it chose.
+    chose = (
+        f"memory_mb {plan.budget_mb} -> {plan.slots} slots x {plan.n_ctx} tokens, KV "
+        f"{plan.kv_cache_type}, kept KV {plan.kv_keep_mb} MiB; "
+        if plan.budget_mb is not None
+        else ""
     )
-    fix = (
-        'lower [model] slots or n_ctx, set kv_cache_type = "q8_0" or kv_keep_mb = 0, '
-        "or use a smaller model"
+    parts = (
+        f"{chose}needs ~{need / MIB:.0f} MiB (model {facts.size / MIB:.0f}, KV cache "
+        f"{plan.kv_bytes / MIB:.0f} for {plan.slots} x {plan.n_ctx} tokens {plan.kv_cache_type}, "
+        "kept KV "
+        f"{plan.kv_keep_mb}, runtime {RUNTIME_OVERHEAD / MIB:.0f}); "
+        f"{available / MIB:.0f} of {total / MIB:.0f} MiB available"
     )
     if not total:
         return Check("memory", Level.WARN, "cannot read /proc/meminfo")
@@ -610,11 +601,13 @@ def check_memory(
     return Check("memory", Level.OK, parts)
 
 
-def _daemon_rss(status: NodeStatus) -> int:
+def _daemon_rss(status: Status | None) -> int:
     """Resident memory of the node's daemon if it runs on this machine (its status names its
     pid), else 0."""
-    pid = status.payload.get("pid")
-    if status.state not in ("online", "starting") or not isinstance(pid, int):
+    if status is None or status.state not in (NodeState.ONLINE, NodeState.STARTING):
+        return 0
+    pid = status.pid
+    if pid is None:
         return 0
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -643,7 +636,7 @@ def diagnose(
         checks.append(Check("memory", Level.SKIP, needs))
         return checks
 
-    status = NodeStatus(None, {})
+    status: Status | None = None
     try:
         tls = tls_context(settings.mqtt)
     except ConfigError as exc:

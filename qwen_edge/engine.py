@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,10 +19,14 @@ from typing import Any, Final
 
 import llama_cpp
 import numpy as np
+import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .budget import MIB, BudgetError, plan_memory
 from .modelfile import ModelError
 from .settings import ModelSettings
+
+log = structlog.get_logger("qwen_edge.engine")
 
 # Qwen2.5's own template, used only when a GGUF file carries none.
 CHATML_TEMPLATE: Final = (
@@ -47,6 +52,11 @@ class SamplingParams:
     repeat_penalty: float
     repeat_last_n: int
     seed: int
+    grammar: str | None = None  # GBNF the reply must follow (root rule `root`)
+
+
+class GrammarError(ValueError):
+    """llama.cpp could not read a grammar."""
 
 
 class Sampler:
@@ -87,6 +97,93 @@ class Sampler:
             self._chain = None
 
 
+# llama_token_data as numpy sees it: the candidates of one sampling step.
+_TOKEN_DATA: Final = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarSampler(Sampler):
+    """A sampler chain whose every token also satisfies a grammar.
+
+    Applying a grammar checks each of the vocabulary's tokens against it (49k for SmolLM2, 152k
+    for Qwen), which can cost more than the decode. So, as llama.cpp's own server does, the
+    chain picks a token first and the grammar checks only that one; only when it refuses is the
+    grammar applied to the whole vocabulary and the token picked again. In a JSON reply the
+    model's own choice mostly fits.
+    """
+
+    __slots__ = ("_candidates", "_grammar", "_ids", "_one", "_single")
+
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any) -> None:
+        assert params.grammar is not None
+        super().__init__(params, n_vocab)
+        grammar = llama_cpp.llama_sampler_init_grammar(
+            vocab, params.grammar.encode("utf-8"), b"root"
+        )
+        if not grammar:
+            self.close()
+            raise GrammarError("llama.cpp could not read the grammar made for this format")
+        self._grammar = grammar
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._single = np.zeros(1, dtype=_TOKEN_DATA)
+        self._one = _token_array(self._single)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(ctx, index), shape=(len(self._ids),)
+        )
+        token = self._pick(logits, constrained=False)
+        single = self._single
+        single["id"] = token
+        single["logit"] = 0.0
+        self._one.size = 1
+        self._one.selected = -1
+        self._one.sorted = False
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one))
+        if single["logit"][0] == -np.inf:  # refused: pick again among what the grammar allows
+            token = self._pick(logits, constrained=True)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: np.ndarray[Any, Any], *, constrained: bool) -> int:
+        """The chain's choice among all tokens (`constrained`: those the grammar allows)."""
+        candidates = self._candidates
+        candidates["id"] = self._ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = _token_array(candidates)
+        if constrained:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:  # never with a chain that ends in a pick
+            raise RuntimeError(f"the sampler chain selected {array.selected}")
+        return int(array.data[array.selected].id)
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "_grammar", None) is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _token_array(data: np.ndarray[Any, Any]) -> Any:
+    return llama_cpp.llama_token_data_array(
+        data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+        size=len(data),
+        selected=-1,
+        sorted=False,
+    )
+
+
+def new_sampler(params: SamplingParams, n_vocab: int, vocab: Any) -> Sampler:
+    """The sampler for one request: with a grammar only when it has one, so that the others
+    do no grammar work at all."""
+    if params.grammar is None:
+        return Sampler(params, n_vocab)
+    return GrammarSampler(params, n_vocab, vocab)
+
+
 class TextAssembler:
     """Turns token pieces into text that never splits a UTF-8 character.
 
@@ -104,6 +201,52 @@ class TextAssembler:
 
     def flush(self) -> str:
         return self._decode(b"", True)
+
+
+class StopStrings:
+    """Cuts a reply at the first stop string, holding back only text that could still become one.
+
+    The reply ends where a stop string is first complete (of two completed by the same text, the
+    longer); the text before it is the reply, the stop string and anything after are never
+    published.
+    """
+
+    __slots__ = ("_held", "_stops", "hit")
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""  # the longest tail of the text so far that begins some stop string
+        self.hit = False  # a stop string was found: nothing more comes
+
+    def push(self, text: str) -> str:
+        """The text that can be published now."""
+        if self.hit:
+            return ""
+        pending = self._held + text
+        cut = end = -1
+        for stop in self._stops:
+            # The held tail contains no whole stop string, so any match ends in `text`.
+            i = pending.find(stop)
+            if i >= 0 and (end < 0 or i + len(stop) < end or (i + len(stop) == end and i < cut)):
+                cut, end = i, i + len(stop)
+        if cut >= 0:
+            self.hit = True
+            self._held = ""
+            return pending[:cut]
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]
+
+    def flush(self, text: str = "") -> str:
+        """The last text of a reply that ends for another reason: the held tail is no stop."""
+        out = self.push(text) + self._held
+        self._held = ""
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +300,30 @@ def llama_errors() -> Iterator[list[str]]:
         _error_sink = _to_stderr
 
 
+def _kv_shape(model: Any) -> tuple[int, int]:
+    """(K and V values one token holds in the cache over every layer, K/V head width), from the
+    GGUF metadata; the width is the gcd of K's and V's should they differ."""
+    layers = int(llama_cpp.llama_model_n_layer(model))
+    heads = int(llama_cpp.llama_model_n_head(model))
+    kv_heads = int(llama_cpp.llama_model_n_head_kv(model)) or heads
+    width = int(llama_cpp.llama_model_n_embd(model))
+    arch = _meta(model, "general.architecture") or ""
+
+    def head_dim(key: str) -> int:
+        # Most models' heads are width / heads wide; a few (Gemma, Qwen3) say otherwise.
+        value = _meta(model, f"{arch}.attention.{key}")
+        return int(value) if value and value.isdigit() else width // max(heads, 1)
+
+    k, v = head_dim("key_length"), head_dim("value_length")
+    return layers * kv_heads * (k + v), math.gcd(k, v)
+
+
+def _meta(model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(128)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode() if n >= 0 else None
+
+
 class Engine:
     """A loaded model and a context with one KV sequence per slot."""
 
@@ -165,27 +332,46 @@ class Engine:
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_mmap = True
-        mparams.use_mlock = settings.use_mlock
+        # Mapped, so the kernel may drop (and re-read) weight pages under memory pressure, and
+        # several processes share one copy; mlock pins them.
+        mparams.load_mode = (
+            llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
+            if settings.use_mlock
+            else llama_cpp.LLAMA_LOAD_MODE_MMAP
+        )
         model = llama_cpp.llama_model_load_from_file(str(settings.path).encode(), mparams)
         if not model:
             raise ModelError(f"model file {settings.path}: llama.cpp could not load it")
         self._model = model
+        try:
+            self.plan = plan_memory(settings, settings.path.stat().st_size, *_kv_shape(model))
+        except (BudgetError, OSError) as exc:
+            llama_cpp.llama_model_free(model)
+            raise ModelError(str(exc)) from None
+        log.info(
+            "memory_plan",
+            budget_mb=self.plan.budget_mb,
+            slots=self.plan.slots,
+            n_ctx=self.plan.n_ctx,
+            kv_cache_type=self.plan.kv_cache_type,
+            kv_keep_mb=self.plan.kv_keep_mb,
+            need_mb=round(self.plan.need_bytes / MIB),
+        )
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
-        self.slots = settings.slots
+        self.slots = self.plan.slots
         self.n_batch = settings.n_batch
 
         threads = settings.threads or len(os.sched_getaffinity(0))
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = settings.n_ctx * settings.slots
+        cparams.n_ctx = self.plan.n_ctx * self.plan.slots
         cparams.n_batch = settings.n_batch
         cparams.n_ubatch = settings.n_batch
-        cparams.n_seq_max = settings.slots
+        cparams.n_seq_max = self.plan.slots
         # A decode step wants logits for at most one token per slot. Without this bound llama.cpp
         # sizes its output and compute buffers for n_batch rows of logits: with Qwen's 151,936-
         # token vocabulary that is ~300 MB at n_batch 512, more than the model itself.
-        cparams.n_outputs_max = settings.slots
+        cparams.n_outputs_max = self.plan.slots
         cparams.n_outputs_max_per_seq = 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -198,7 +384,7 @@ class Engine:
             if settings.flash_attn
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        if settings.kv_cache_type == "q8_0":
+        if self.plan.kv_cache_type == "q8_0":
             cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_Q8_0
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:

@@ -17,16 +17,22 @@ Called from the pool link's network thread and a timer thread; one lock.
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
-from .protocol import ErrorCode, encode
+from .protocol import (
+    DoneMessage,
+    ErrorMessage,
+    StartMessage,
+    Status,
+    node_lost,
+    parse_reply,
+)
 from .replies import Publish
 
 log = structlog.get_logger("qwen_edge.failover")
@@ -87,28 +93,24 @@ class Failover:
 
     def on_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         """A message on a pooled reply topic, from any node (this one included)."""
-        message = _json_object(payload)
-        if message is None:
+        message = parse_reply(payload)
+        if message is None or message.request_id is None:
             return
-        request_id, seq, kind = message.get("request_id"), message.get("seq"), message.get("type")
-        if not isinstance(request_id, str) or not isinstance(seq, int):
-            return
-        key = (topic, request_id)
+        key = (topic, message.request_id)
         with self._lock:
-            if kind == "start":
-                node = message.get("node")
-                if isinstance(node, str) and node != self._node:  # we end our own replies
+            if isinstance(message, StartMessage):
+                if message.node != self._node:  # we end our own replies
                     self._open.pop(key, None)  # re-inserted at the end: age order holds
                     self._open[key] = _Open(
-                        node, seq, correlation, self._clock(), next(self._events)
+                        message.node, message.seq, correlation, self._clock(), next(self._events)
                     )
                     self._forget_old()
-            elif kind in ("done", "error"):
+            elif isinstance(message, DoneMessage | ErrorMessage):
                 self._open.pop(key, None)
             else:
                 entry = self._open.get(key)
-                if entry is not None and seq > entry.seq:
-                    entry.seq = seq
+                if entry is not None and message.seq > entry.seq:
+                    entry.seq = message.seq
 
     def on_status(self, node: str, payload: bytes, retained: bool = False) -> None:
         """A node's status (also its Last Will); `retained`: delivered on subscribing, old news.
@@ -116,15 +118,14 @@ class Failover:
         Returns at once; a loss is acted on after the grace period (see check_losses)."""
         if node == self._node:
             return
-        status = _json_object(payload)
+        status = Status.parse(payload)
         with self._lock:
-            if status is None or status.get("group") != self._group:
+            if status is None or status.group != self._group:
                 # Not a member of this pool (or no longer): it cannot hold pooled replies.
                 self._nodes.pop(node, None)
                 return
-            state, reason = status.get("state"), status.get("reason")
             known = self._nodes.get(node)
-            entry = _Node(state == "online", reason if isinstance(reason, str) else None)
+            entry = _Node(status.online, status.reason)
             entry.lost_at = known.lost_at if known is not None else None
             if not entry.online and not retained and (known is None or known.online):
                 entry.lost_at = next(self._events)
@@ -176,20 +177,8 @@ class Failover:
 
     def _end(self, key: tuple[str, str], entry: _Open, reason: str) -> None:
         topic, request_id = key
-        self._publish(
-            topic,
-            encode(
-                {
-                    "type": "error",
-                    "request_id": request_id,
-                    "seq": entry.seq + 1,
-                    "code": ErrorCode.NODE_LOST.value,
-                    "message": f"node {entry.node} went offline ({reason}) before "
-                    "finishing this reply; send the request again",
-                }
-            ),
-            entry.correlation,
-        )
+        message = node_lost(request_id, entry.seq + 1, entry.node, reason)
+        self._publish(topic, message.encode(), entry.correlation)
         log.info("node_lost_reply_ended", node=entry.node, request_id=request_id, topic=topic)
 
     def _forget_old(self) -> None:
@@ -205,11 +194,3 @@ def _later(delay: float, fn: Callable[[], None]) -> None:
     timer = threading.Timer(delay, fn)
     timer.daemon = True
     timer.start()
-
-
-def _json_object(payload: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None

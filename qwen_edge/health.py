@@ -10,7 +10,6 @@ facts of the status: whether `online` is true yet, and whether `group` is in it.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import threading
@@ -22,7 +21,7 @@ import structlog
 from . import systemd_notify
 from .homeassistant import Announcer
 from .mqtt import MqttLink
-from .protocol import PROTOCOL_VERSION, FleetTopics, Topics, encode
+from .protocol import FleetTopics, NodeState, PoolProbe, Stats, Status, Topics
 from .scheduler import Scheduler
 from .settings import Settings
 
@@ -34,55 +33,43 @@ PROBE_TIMEOUT = 5.0
 
 
 def status_payload(
-    settings: Settings, version: str, group: str | None, state: str, **extra: object
+    settings: Settings,
+    version: str,
+    group: str | None,
+    state: NodeState,
+    *,
+    slots: int | None = None,
+    pid: int | None = None,
+    reason: str | None = None,
 ) -> bytes:
     """The node's status message. `group`: in a pool (members count one another by it: the
     failover's leader, `qwen-edge fleet`); None once the pool probe failed, or no fleet."""
-    return encode(
-        {
-            "state": state,
-            "node": settings.node_id,
-            "model": settings.model.display_name,
-            "version": version,
-            "protocol": PROTOCOL_VERSION,
-            **({"group": group} if group is not None else {}),
-            **extra,
-        }
-    )
+    return Status(
+        state=state,
+        node=settings.node_id,
+        model=settings.model.display_name,
+        version=version,
+        group=group,
+        slots=slots,
+        pid=pid,
+        reason=reason,
+    ).encode()
 
 
 def stats_payload(settings: Settings, uptime: float, scheduler: Scheduler, rate: float) -> bytes:
     """The node's load figures message."""
     active, queued = scheduler.load
-    return encode(
-        {
-            "node": settings.node_id,
-            "model": settings.model.display_name,
-            "uptime_s": round(uptime, 1),
-            "slots": settings.model.slots,
-            "active_slots": active,
-            "queue_depth": queued,
-            "tokens_per_s": round(rate, 2),
-            "requests_done": scheduler.requests_done,
-            "ts": round(time.time(), 3),
-        }
-    )
-
-
-def probe_fields(payload: bytes) -> tuple[str, str] | None:
-    """(node, nonce) of a pool probe, if the payload is one whose node names a topic level."""
-    try:
-        probe = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(probe, dict):
-        return None
-    node, nonce = probe.get("probe"), probe.get("nonce")
-    if not isinstance(node, str) or not isinstance(nonce, str) or not 0 < len(node) <= 128:
-        return None
-    if any(ch in node for ch in "/+#\0"):
-        return None
-    return node, nonce
+    return Stats(
+        node=settings.node_id,
+        model=settings.model.display_name,
+        uptime_s=round(uptime, 1),
+        slots=settings.model.slots,
+        active_slots=active,
+        queue_depth=queued,
+        tokens_per_s=round(rate, 2),
+        requests_done=scheduler.requests_done,
+        ts=round(time.time(), 3),
+    ).encode()
 
 
 class Health:
@@ -118,9 +105,15 @@ class Health:
 
     # -- status --------------------------------------------------------------------------------
 
-    def status(self, state: str, **extra: object) -> bytes:
+    def status(
+        self, state: NodeState, *, slots: int | None = None, reason: str | None = None
+    ) -> bytes:
+        """`starting` and `online` carry the pid (`doctor` finds the daemon's memory by it)."""
         group = self.fleet.group if self.fleet and not self._pool_failed else None
-        return status_payload(self.settings, self.version, group, state, **extra)
+        pid = None if state is NodeState.OFFLINE else os.getpid()
+        return status_payload(
+            self.settings, self.version, group, state, slots=slots, pid=pid, reason=reason
+        )
 
     def on_connected(self) -> None:
         """Each connect of the main link: `starting` while the model loads (`online` waits for
@@ -133,9 +126,11 @@ class Health:
     def on_link_lost(self) -> None:
         self._online = False  # to be said again once this connection is subscribed
 
-    def loaded(self, scheduler: Scheduler) -> None:
-        """The model is loaded and the intake open: `online` may come true from now on."""
+    def loaded(self, scheduler: Scheduler, settings: Settings) -> None:
+        """The model is loaded and the intake open: `online` may come true from now on.
+        `settings`: what the node runs (the memory plan may have changed the slots)."""
         with self._lock:
+            self.settings = settings
             self._scheduler = scheduler
 
     def announce(self, starting: bool = False) -> None:
@@ -147,11 +142,11 @@ class Health:
                 return
             if self._scheduler is None:
                 if starting:
-                    self._link.publish_status(self.status("starting", pid=os.getpid()))
+                    self._link.publish_status(self.status(NodeState.STARTING))
             elif not self._online and self.serving():
                 self._online = True
                 self._link.publish_status(
-                    self.status("online", slots=self.settings.model.slots, pid=os.getpid())
+                    self.status(NodeState.ONLINE, slots=self.settings.model.slots)
                 )
 
     def serving(self) -> bool:
@@ -176,10 +171,10 @@ class Health:
         subscription works), or another member's, which the pool handed to us: returned to
         its sender."""
         assert self.fleet is not None
-        probe = probe_fields(payload)
+        probe = PoolProbe.parse(payload)
         if probe is None:
             return
-        node, nonce = probe
+        node, nonce = probe.probe, probe.nonce
         if node == self.settings.node_id:
             if nonce == self._probe_nonce:
                 self._probe_back.set()
@@ -193,7 +188,7 @@ class Health:
         own topics only and drops `group` from its status, with one error."""
         assert self.fleet is not None
         self._pool_link = pool_link
-        probe = encode({"probe": self.settings.node_id, "nonce": self._probe_nonce})
+        probe = PoolProbe(probe=self.settings.node_id, nonce=self._probe_nonce).encode()
         while not self._stop.is_set():
             if not pool_link.subscribed.wait(0.05):
                 continue

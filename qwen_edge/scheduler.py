@@ -25,7 +25,18 @@ from .conversations import (
     fit_prompt,
     shared_start,
 )
-from .engine import DecodeError, Engine, Row, Sampler, SamplingParams, TextAssembler
+from .engine import (
+    DecodeError,
+    Engine,
+    GrammarError,
+    Row,
+    Sampler,
+    SamplingParams,
+    StopStrings,
+    TextAssembler,
+    new_sampler,
+)
+from .grammar import grammar_for
 from .kvstore import KvStore, SavedSequence
 from .protocol import ChatRequest, ErrorCode, FinishReason
 from .replies import ReplyStream
@@ -73,6 +84,7 @@ class Slot:
     next_token: int = -1  # sampled, not yet evaluated
     sampler: Sampler | None = None
     text: TextAssembler | None = None
+    stops: StopStrings | None = None  # None: the request has no stop strings
     reply: list[str] = field(default_factory=list)
     generated: int = 0
     max_tokens: int = 0
@@ -261,18 +273,26 @@ class Scheduler:
         del slot.cached[keep:]
 
         temperature = self._gen.temperature if req.temperature is None else req.temperature
-        slot.sampler = Sampler(
-            SamplingParams(
-                temperature=temperature,
-                top_p=self._gen.top_p if req.top_p is None else req.top_p,
-                top_k=self._gen.top_k if req.top_k is None else req.top_k,
-                min_p=self._gen.min_p,
-                repeat_penalty=self._gen.repeat_penalty,
-                repeat_last_n=self._gen.repeat_last_n,
-                seed=random.getrandbits(32) if req.seed is None else req.seed,
-            ),
-            self._engine.n_vocab,
-        )
+        try:
+            slot.sampler = new_sampler(
+                SamplingParams(
+                    temperature=temperature,
+                    top_p=self._gen.top_p if req.top_p is None else req.top_p,
+                    top_k=self._gen.top_k if req.top_k is None else req.top_k,
+                    min_p=self._gen.min_p,
+                    repeat_penalty=self._gen.repeat_penalty,
+                    repeat_last_n=self._gen.repeat_last_n,
+                    seed=random.getrandbits(32) if req.seed is None else req.seed,
+                    grammar=None if req.format is None else grammar_for(req.format),
+                ),
+                self._engine.n_vocab,
+                self._engine.vocab,
+            )
+        except GrammarError as exc:  # intake converted the format; llama.cpp may still refuse
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {exc}")
+            return
+        if req.chunk_ms:
+            job.stream.pace(req.chunk_ms)
         slot.job = job
         slot.prompt = prompt
         slot.public = public
@@ -280,6 +300,7 @@ class Scheduler:
         slot.reused = keep
         slot.next_token = -1
         slot.text = TextAssembler()
+        slot.stops = StopStrings(req.stop) if req.stop else None
         slot.reply = []
         slot.generated = 0
         slot.max_tokens = max_tokens
@@ -398,10 +419,15 @@ class Scheduler:
         slot.generated += 1
         self.tokens_generated += 1
         text = slot.text.push(self._engine.piece(token))
+        stops = slot.stops
+        if stops is not None and text:
+            text = stops.push(text)
         if text:
             slot.reply.append(text)
             slot.job.stream.chunk(text)
-        if slot.generated >= slot.max_tokens or len(slot.cached) + 1 >= self._engine.n_ctx_seq:
+        if stops is not None and stops.hit:
+            self._finish(slot, FinishReason.STOP)
+        elif slot.generated >= slot.max_tokens or len(slot.cached) + 1 >= self._engine.n_ctx_seq:
             self._finish(slot, FinishReason.LENGTH)
         else:
             slot.next_token = token
@@ -410,6 +436,8 @@ class Scheduler:
         job = slot.job
         assert job is not None and slot.text is not None
         tail = slot.text.flush()
+        if slot.stops is not None:
+            tail = slot.stops.flush(tail)
         if tail:
             slot.reply.append(tail)
             job.stream.chunk(tail)
@@ -462,6 +490,7 @@ class Scheduler:
         slot.job = None
         slot.sampler = None
         slot.text = None
+        slot.stops = None
         slot.next_token = -1
 
     def _end_with_error(self, job: Job, code: ErrorCode, message: str) -> None:

@@ -30,6 +30,7 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
+from .fakeengine import open_fake
 from .health import Health, status_payload
 from .homeassistant import Announcer, package_version
 from .intake import Intake
@@ -37,7 +38,7 @@ from .journal import RequestJournal
 from .limits import ClientLimits
 from .modelfile import ModelError, verify_model_file
 from .mqtt import Inbound, MqttLink, Subscription
-from .protocol import FleetTopics, Topics
+from .protocol import FleetTopics, NodeState, Topics
 from .scheduler import Scheduler
 from .settings import Settings
 from .statestore import StateStore, state_directory
@@ -83,7 +84,7 @@ class Service:
             on_disconnected=lambda: self.health.on_link_lost(),  # noqa: PLW0108
             status_topic=self.topics.status,
             will_payload=status_payload(
-                s, self.version, group, "offline", reason="connection lost"
+                s, self.version, group, NodeState.OFFLINE, reason="connection lost"
             ),
         )
         self.health = Health(
@@ -109,7 +110,9 @@ class Service:
         self._link.start()  # first, so devices see "starting" while a slow device loads
         engine = self._load_model()
         if engine is None:
-            self._link.stop(self.health.status("offline", reason="model unusable"), timeout=1.0)
+            self._link.stop(
+                self.health.status(NodeState.OFFLINE, reason="model unusable"), timeout=1.0
+            )
             state.close()
             return EXIT_MODEL
         scheduler, inference = self._open_intake(engine, conversations)
@@ -161,16 +164,19 @@ class Service:
     def _load_model(self) -> Engine | None:
         """The model file checked, then loaded; None: it is unusable (logged)."""
         s = self.settings
-        systemd_notify.notify("STATUS=checking model file")
         try:
-            with phase("model_verified") as logged:
-                info = verify_model_file(s.model.path, sha256=s.model.sha256)
-                logged.update(
-                    path=str(s.model.path), bytes=info.size, sha256=info.sha256 is not None
-                )
-            systemd_notify.notify("STATUS=loading model")
+            # `fake://40ms`: no model, a token every 40 ms (scripts/bench --fleet).
+            fake = open_fake(s.model)
+            if fake is None:
+                systemd_notify.notify("STATUS=checking model file")
+                with phase("model_verified") as logged:
+                    info = verify_model_file(s.model.path, sha256=s.model.sha256)
+                    logged.update(
+                        path=str(s.model.path), bytes=info.size, sha256=info.sha256 is not None
+                    )
+                systemd_notify.notify("STATUS=loading model")
             with phase("model_loaded") as logged:
-                engine = Engine(s.model)
+                engine = fake or Engine(s.model)
                 logged.update(
                     model=self.model_name,
                     path=str(s.model.path),
@@ -191,6 +197,9 @@ class Service:
         loading, then every delivery straight away."""
         s = self.settings
         assert self._intake is not None
+        # model.memory_mb may have chosen fewer slots, a shorter context or another KV precision:
+        # from here on the settings say what the node runs.
+        s = self.settings = s.model_copy(update={"model": engine.plan.apply(s.model)})
         scheduler = Scheduler(
             engine,
             store=conversations,
@@ -204,7 +213,7 @@ class Service:
         inference.start()
         with phase("intake_opened"):
             self._intake.open(scheduler)
-        self.health.loaded(scheduler)
+        self.health.loaded(scheduler, s)
         self.health.start_watchdog()
         return scheduler, inference
 
@@ -263,7 +272,7 @@ class Service:
         if pool_link is not None:
             pool_link.stop()
         self._link.wait_flushed(timeout=5.0)
-        self._link.stop(self.health.status("offline", reason="stopped"))
+        self._link.stop(self.health.status(NodeState.OFFLINE, reason="stopped"))
         engine.close()
         log.info("stopped", seconds=round(time.monotonic() - began, 2))
 

@@ -148,7 +148,7 @@ class ModelSettings(_Section):
         16, ge=0, le=1024, description="Requests that may wait for a free slot before 'busy'."
     )
     kv_keep_mb: int = Field(
-        64,
+        24,
         ge=0,
         le=65536,
         description="RAM for KV state of conversations waiting for their next turn (MiB).",
@@ -158,7 +158,16 @@ class ModelSettings(_Section):
         True, description="Flash attention: less memory, faster with several slots decoding."
     )
     kv_cache_type: Literal["f16", "q8_0"] = Field(
-        "f16", description="KV cache precision; q8_0 halves its memory (needs flash_attn)."
+        "q8_0",
+        description="KV cache precision: q8_0 takes half the memory of f16; f16 is used where "
+        "llama.cpp cannot quantise it (flash_attn off, heads not a multiple of 32 wide).",
+    )
+    memory_mb: int | None = Field(
+        None,
+        ge=64,
+        le=1048576,
+        description="Memory budget of the daemon (MiB): it then picks KV precision, kept-KV store, "
+        "slots and n_ctx (at most as set) to fit, and logs the choice; unset: as set.",
     )
 
     @field_validator("sha256")

@@ -29,6 +29,7 @@ BROKER_SETUP = ROOT / "scripts" / "broker-setup"
 GROUP = "pool"
 DAEMON = ("qwen-edge", "d@emon-93")
 PASSWORDS = {"devA": "pw-devA", "devB": "pw-devB", "devC": "pw-devC"}
+HOME_ASSISTANT = ("hass", "pw-hass")
 NOT_AUTHORIZED = 0x87
 GRANTED_QOS1 = 1
 ACCEPTED = (0, 0x10)  # PUBACK: success, or success with no subscriber
@@ -55,6 +56,7 @@ class SetupBroker(Broker):
         args = ["--dir", str(workdir), "--port", str(self.port), "--daemon", ":".join(DAEMON)]
         for user, password in PASSWORDS.items():
             args += ["--device", f"{user}:{password}"]
+        args += ["--homeassistant", ":".join(HOME_ASSISTANT)]
         done = broker_setup(*args)
         assert done.returncode == 0, done.stderr
         self.conf = workdir / "mosquitto.conf"
@@ -169,7 +171,8 @@ def connect(setup_broker: SetupBroker) -> Iterator[Any]:
     made: list[Client] = []
 
     def make(user: str, client_id: str | None = None, password: str | None = None) -> Client:
-        secret = password or PASSWORDS.get(user) or DAEMON[1]
+        secret = password or {**PASSWORDS, HOME_ASSISTANT[0]: HOME_ASSISTANT[1]}.get(user)
+        secret = secret or DAEMON[1]
         client = Client(setup_broker, user, secret, client_id)
         made.append(client)
         return client
@@ -300,6 +303,28 @@ def test_daemon_account_may_publish_home_assistant_discovery_configs(connect: An
     assert daemon.subscribe("homeassistant/status") == GRANTED_QOS1  # Home Assistant's birth
     # Nothing beyond the prefixes.
     assert daemon.publish("elsewhere/config", config) == NOT_AUTHORIZED
+
+
+def test_home_assistant_account_reads_discovery_and_status_and_writes_nothing_else(
+    connect: Any,
+) -> None:
+    daemon = connect(DAEMON[0], client_id=f"qwen-edge-ha-{uuid.uuid4().hex[:6]}")
+    hass = connect(HOME_ASSISTANT[0])
+    assert hass.connack == 0
+    for topic in ("homeassistant/#", f"{PREFIX}/+/status", f"{PREFIX}/+/stats"):
+        assert hass.subscribe(topic) == GRANTED_QOS1
+    config_topic = f"homeassistant/sensor/qwen_edge_{NODE}_x/config"
+    assert daemon.publish(config_topic, {"name": "x"}, retain=True) in ACCEPTED
+    seen: list[str] = []
+    while config_topic not in seen:  # retained statuses of earlier tests' node may come first
+        seen.append(hass.messages.get(timeout=10)[0])
+    assert daemon.publish(config_topic, b"", retain=True) in ACCEPTED
+    assert hass.publish("homeassistant/status", b"online") in ACCEPTED  # its birth message
+    # No requests, no replies of devices, no discovery configs of its own, no node's client id.
+    assert hass.publish(f"{PREFIX}/{NODE}/request/{HOME_ASSISTANT[0]}", {"x": 1}) == NOT_AUTHORIZED
+    assert hass.publish(config_topic, {"name": "fake"}, retain=True) == NOT_AUTHORIZED
+    assert hass.subscribe(f"{PREFIX}/+/reply/devA/#") == NOT_AUTHORIZED
+    assert connect(HOME_ASSISTANT[0], client_id=f"qwen-edge-{NODE}").connack == NOT_AUTHORIZED
 
 
 # -- broker memory ------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ Also the soak mode's report, briefly, and what a resend of a finished request do
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import random
 import signal
@@ -17,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
+from . import chaos
+from .harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS = ROOT / "scripts" / "chaos"
@@ -175,19 +174,6 @@ def test_request_redelivered_after_a_broker_crash_is_not_generated_again(tmp_pat
 
 
 # -- the script's accounting, on made-up message sequences ----------------------------------------
-
-
-def load_chaos() -> Any:
-    loader = importlib.machinery.SourceFileLoader("qwen_edge_chaos", str(CHAOS))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # dataclasses look their module up there
-    loader.exec_module(module)
-    return module
-
-
-chaos = load_chaos()
 
 
 def msg(kind: str, seq: int, **fields: Any) -> tuple[int, dict[str, Any], bytes]:

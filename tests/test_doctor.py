@@ -19,7 +19,6 @@ from qwen_edge.doctor import (
     BrokerSession,
     Level,
     ModelFacts,
-    NodeStatus,
     _daemon_rss,
     check_broker,
     check_cpu,
@@ -30,6 +29,7 @@ from qwen_edge.doctor import (
     read_env_file,
     unit_memory_max,
 )
+from qwen_edge.protocol import Status
 from qwen_edge.settings import ModelSettings, Settings
 
 from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
@@ -97,10 +97,10 @@ def test_everything_ok_with_a_running_daemon(daemon: Daemon, module_broker: Brok
     assert "every tensor within the file" in checks["model"]["detail"]
     # The running daemon's memory counts as available: a restart would give it back.
     assert daemon.proc is not None
-    status = NodeStatus("online", {"pid": daemon.proc.pid})
+    status = Status(state="online", pid=daemon.proc.pid)
     assert _daemon_rss(status) > SMOLLM.stat().st_size // 4
-    assert _daemon_rss(NodeStatus("offline", {"pid": daemon.proc.pid})) == 0
-    assert _daemon_rss(NodeStatus("online", {"pid": os.getpid()})) == 0  # not a qwen-edge
+    assert _daemon_rss(Status(state="offline", pid=daemon.proc.pid)) == 0
+    assert _daemon_rss(Status(state="online", pid=os.getpid())) == 0  # not a qwen-edge
 
 
 def test_wrong_port_fails_the_broker_check_with_a_fix(module_broker: Broker) -> None:
@@ -400,11 +400,11 @@ def test_meminfo_is_read_in_bytes() -> None:
 
 def test_memory_estimate_matches_the_measured_daemon() -> None:
     # README, "Performance": 4 slots x 4,096 tokens of F16 KV cache for Qwen2.5-0.5B are 192 MB.
-    settings = ModelSettings(slots=4, n_ctx=4096)
+    settings = ModelSettings(slots=4, n_ctx=4096, kv_cache_type="f16", kv_keep_mb=64)
     check = check_memory(settings, QWEN_05B, meminfo(MEMINFO))
     assert check.level is Level.OK
-    assert "KV cache 192 for 4 x 4096 tokens" in check.detail
-    assert check.detail.startswith("needs ~756 MiB")
+    assert "KV cache 192 for 4 x 4096 tokens f16" in check.detail
+    assert check.detail.startswith("needs ~806 MiB")
     q8 = check_memory(ModelSettings(slots=4, n_ctx=4096, kv_cache_type="q8_0"), QWEN_05B, {})
     assert q8.level is Level.WARN  # no /proc/meminfo
     half = check_memory(
@@ -417,7 +417,7 @@ def test_memory_too_small_fails_and_busy_memory_warns() -> None:
     big = ModelSettings(slots=16, n_ctx=32768)
     check = check_memory(big, QWEN_05B, meminfo(MEMINFO))
     assert check.level is Level.FAIL
-    assert "lower [model] slots or n_ctx" in check.fix
+    assert "lower slots, n_ctx" in check.fix
     tight = meminfo(MEMINFO.replace("1500000", "500000"))
     warned = check_memory(ModelSettings(), QWEN_05B, tight)
     assert warned.level is Level.WARN
@@ -427,7 +427,7 @@ def test_memory_too_small_fails_and_busy_memory_warns() -> None:
 
 
 def test_memory_above_the_units_limit_warns() -> None:
-    big = ModelSettings(slots=8, n_ctx=16384)  # 1.5 GiB of KV cache for Qwen2.5-0.5B
+    big = ModelSettings(slots=8, n_ctx=16384, kv_cache_type="f16")  # 1.5 GiB of KV cache
     lots = meminfo("MemTotal: 8000000 kB\nMemAvailable: 7000000 kB\n")
     assert check_memory(big, QWEN_05B, lots).level is Level.OK
     check = check_memory(big, QWEN_05B, lots, unit_limit=1600 * 1024 * 1024)
@@ -453,7 +453,7 @@ def test_env_file_is_read_like_systemd() -> None:
 
 def test_node_without_status_warns_with_what_to_check() -> None:
     settings = Settings(node_id="kitchen")
-    check = check_node(settings, NodeStatus(None, {}))
+    check = check_node(settings, None)
     assert check.level is Level.WARN
     assert "no status from node 'kitchen' under qwen-edge/" in check.detail
     assert "node_id and topic_prefix" in check.fix

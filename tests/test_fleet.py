@@ -33,6 +33,8 @@ from qwen_edge.protocol import (
     FinishReason,
     FleetTopics,
     InboundTopic,
+    Stats,
+    Status,
     TopicKind,
     WatchedTopic,
     WatchKind,
@@ -261,10 +263,10 @@ def test_fleet_table_shows_load_of_online_nodes_only() -> None:
     views = {
         "a": NodeView(
             "a",
-            {"state": "online", "model": "m", "slots": 2},
-            {"active_slots": 1, "queue_depth": 3, "tokens_per_s": 41.25, "uptime_s": 3725},
+            Status(state="online", model="m", slots=2),
+            Stats(active_slots=1, queue_depth=3, tokens_per_s=41.25, uptime_s=3725),
         ),
-        "b": NodeView("b", {"state": "offline", "model": "m"}, {"active_slots": 2}),
+        "b": NodeView("b", Status(state="offline", model="m"), Stats(active_slots=2)),
     }
     lines = table(views).splitlines()
     assert lines[0].split() == ["NODE", "STATE", "MODEL", "SLOTS", "QUEUE", "TOK/S", "UPTIME"]

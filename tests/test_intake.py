@@ -20,8 +20,6 @@ from qwen_edge.scheduler import Job
 from qwen_edge.settings import LimitSettings
 from qwen_edge.statestore import StateStore
 
-pytestmark = pytest.mark.unit
-
 TOPICS = Topics("edge", "pi")
 MAX_PAYLOAD = 4096
 

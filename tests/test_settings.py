@@ -230,6 +230,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.subprocess
 def test_config_prints_settings_as_json_with_password_masked(tmp_path: Path) -> None:
     config = toml(tmp_path, '[mqtt]\nport = 1884\nusername = "edge"\n')
     done = run_cli(
@@ -248,6 +249,7 @@ def test_config_prints_settings_as_json_with_password_masked(tmp_path: Path) -> 
     assert data["topic_prefix"] == "qwen-edge"
 
 
+@pytest.mark.subprocess
 def test_config_masks_a_password_from_the_toml_file(tmp_path: Path) -> None:
     """Also: --config may come before the subcommand."""
     config = toml(tmp_path, f'[mqtt]\npassword = "{SECRET}"\n')
@@ -281,6 +283,7 @@ INVALID: list[tuple[str, dict[str, str], str | None, str]] = [
 @pytest.mark.parametrize(
     ("env", "text", "named"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
 )
+@pytest.mark.subprocess
 def test_invalid_setting_exits_2_with_one_line_and_no_traceback(
     tmp_path: Path, env: dict[str, str], text: str | None, named: str
 ) -> None:
@@ -300,6 +303,7 @@ def test_invalid_setting_exits_2_with_one_line_and_no_traceback(
     assert SECRET not in done.stderr
 
 
+@pytest.mark.subprocess
 def test_missing_config_file_before_the_subcommand_exits_2(tmp_path: Path) -> None:
     done = run_cli("--config", str(tmp_path / "gone.toml"), "config")
     assert done.returncode == 2

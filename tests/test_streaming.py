@@ -92,7 +92,17 @@ def test_greedy_reply_equals_llama_cpp_python_create_chat_completion(
     )
     ours = dev.collect(rid)
 
-    llm = Llama(model_path=str(SMOLLM), n_ctx=2048, flash_attn=True, verbose=False)
+    from llama_cpp import GGML_TYPE_Q8_0
+
+    # The daemon's defaults: flash attention, q8_0 KV cache.
+    llm = Llama(
+        model_path=str(SMOLLM),
+        n_ctx=2048,
+        flash_attn=True,
+        type_k=GGML_TYPE_Q8_0,
+        type_v=GGML_TYPE_Q8_0,
+        verbose=False,
+    )
     ref = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=48)  # type: ignore[arg-type]
     assert reply_text(ours) == ref["choices"][0]["message"]["content"]
     assert ours[-1]["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]

@@ -1,4 +1,5 @@
-"""Text on the way out: TextAssembler (token bytes -> whole characters) and ReplyStream."""
+"""Text on the way out: TextAssembler (token bytes -> whole characters), StopStrings (the cut
+at a stop string) and ReplyStream (numbering, pacing)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_edge.engine import TextAssembler
+from qwen_edge.engine import StopStrings, TextAssembler
 from qwen_edge.protocol import ErrorCode, FinishReason
 from qwen_edge.replies import ReplyStream
 
@@ -334,3 +335,172 @@ def test_correlation_data_and_topic_go_with_every_message(correlation: bytes | N
     assert len(rec.sent) == 4
     assert all(topic == TOPIC for topic, _, _ in rec.sent)
     assert all(corr is correlation for _, _, corr in rec.sent)
+
+
+# -- StopStrings -------------------------------------------------------------------------------
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the reply ends: the start of the stop string completed first (the longer of two
+    completed by the same character)."""
+    found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    return min(found)[1] if found else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins a stop string (not all of one)."""
+    lengths = (n for s in stops for n in range(1, min(len(s) - 1, len(text)) + 1))
+    return max(
+        (n for n in lengths if any(text.endswith(s[:n]) for s in stops if n < len(s))), default=0
+    )
+
+
+def run_stops(pieces: list[str], stops: list[str]) -> tuple[list[str], StopStrings]:
+    scanner = StopStrings(stops)
+    out = [scanner.push(piece) for piece in pieces]
+    if not scanner.hit:
+        out.append(scanner.flush())
+    return out, scanner
+
+
+def split_text(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({min(c, len(text)) for c in cuts})
+    return [text[a:b] for a, b in itertools.pairwise([0, *points, len(text)])]
+
+
+# A small alphabet, so that stop strings occur, overlap and repeat often.
+small_texts = st.text(alphabet="ab中😀\n", max_size=40)
+stop_lists = st.lists(st.text(alphabet="ab中😀\n", min_size=1, max_size=5), min_size=1, max_size=4)
+
+
+@settings(max_examples=500, deadline=None)
+@given(small_texts, stop_lists, st.lists(st.integers(min_value=0, max_value=40), max_size=20))
+def test_reply_is_the_text_up_to_the_first_stop_string_however_it_is_split(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    out, scanner = run_stops(split_text(text, cuts), stops)
+    cut = first_stop(text, stops)
+    assert "".join(out) == (text if cut is None else text[:cut])
+    assert scanner.hit == (cut is not None)
+    for piece in out:
+        assert not any(s in piece for s in stops)
+
+
+@settings(max_examples=300, deadline=None)
+@given(small_texts, stop_lists, st.lists(st.integers(min_value=0, max_value=40), max_size=20))
+def test_only_text_that_could_still_become_a_stop_string_waits(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    scanner = StopStrings(stops)
+    seen = emitted = ""
+    for piece in split_text(text, cuts):
+        emitted += scanner.push(piece)
+        seen += piece
+        if scanner.hit:
+            break
+        assert emitted == seen[: len(seen) - held_back(seen, stops)]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "expected", "hit"),
+    [
+        (["Hello", " wor", "ld"], ["wor"], ["Hello", " ", ""], True),
+        (["a", "b", "c"], ["bcd"], ["a", "", "", "bc"], False),  # never completed: released
+        (["ab", "cd"], ["bc", "abcd"], ["", "a"], True),  # bc completes first
+        (["abcd"], ["bc", "abcd"], ["a"], True),  # however the text is split
+        (["abcd"], ["cd", "abcd"], [""], True),  # completed by the same character: the longer
+        (["x<", "|e", "nd|>y"], ["<|end|>"], ["x", "", ""], True),
+        (["中文", "。好"], ["。"], ["中文", ""], True),
+        (["aaa", "ab"], ["aab"], ["a", "a"], True),
+        (["end"], ["end"], [""], True),
+    ],
+)
+def test_stop_string_examples(
+    pieces: list[str], stops: list[str], expected: list[str], hit: bool
+) -> None:
+    out, scanner = run_stops(pieces, stops)
+    assert out == expected
+    assert scanner.hit is hit
+
+
+def test_nothing_comes_after_a_stop_string() -> None:
+    scanner = StopStrings(["x"])
+    assert scanner.push("axb") == "a"
+    assert scanner.push("more") == ""
+    assert scanner.flush("tail") == ""
+
+
+# -- ReplyStream: chunk pacing -----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(texts.filter(bool), st.floats(min_value=0, max_value=0.7)), max_size=40),
+    st.integers(min_value=1, max_value=2000),
+    st.booleans(),
+)
+def test_paced_chunks_are_at_most_one_per_interval_and_join_to_the_text(
+    pieces: list[tuple[str, float]], chunk_ms: int, fail: bool
+) -> None:
+    clock = Clock()
+    s, rec = stream()
+    s.pace(chunk_ms, clock)
+    s.start("n", "m")
+    sent_at: list[float] = []
+    for text, delay in pieces:
+        clock.now += delay
+        before = len(rec.sent)
+        s.chunk(text)
+        sent_at += [clock.now] * (len(rec.sent) - before)
+    if fail:
+        s.error(ErrorCode.INTERNAL, "x")
+    else:
+        s.done(FinishReason.STOP, 1, len(pieces), None, None)
+    messages = rec.messages
+    assert [m["seq"] for m in messages] == list(range(len(messages)))
+    chunks = [m for m in messages if m["type"] == "chunk"]
+    assert "".join(m["text"] for m in chunks) == "".join(text for text, _ in pieces)
+    assert all(m["text"] for m in chunks)
+    assert messages[-1]["type"] == ("error" if fail else "done")
+    # Chunks sent as text arrived are chunk_ms apart; only the last may follow sooner.
+    assert all(b - a >= chunk_ms / 1000 for a, b in itertools.pairwise(sent_at))
+    assert len(chunks) <= len(sent_at) + 1
+
+
+def test_paced_stream_sends_the_first_text_at_once_then_waits() -> None:
+    clock = Clock()
+    s, rec = stream()
+    s.pace(500, clock)
+    s.chunk("a")
+    assert [m["text"] for m in rec.messages] == ["a"]
+    clock.now += 0.499
+    s.chunk("b")
+    s.chunk("c")
+    assert len(rec.sent) == 1
+    clock.now += 0.001
+    s.chunk("d")
+    assert [m["text"] for m in rec.messages] == ["a", "bcd"]
+    s.chunk("e")
+    s.done(FinishReason.CANCELLED, 1, 5, None, None)
+    assert [(m["type"], m.get("text")) for m in rec.messages] == [
+        ("chunk", "a"),
+        ("chunk", "bcd"),
+        ("chunk", "e"),
+        ("done", None),
+    ]
+
+
+def test_unpaced_stream_sends_every_chunk() -> None:
+    s, rec = stream()
+    s.pace(0)
+    for text in "abc":
+        s.chunk(text)
+    assert [m["text"] for m in rec.messages] == ["a", "b", "c"]

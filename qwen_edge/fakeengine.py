@@ -1,0 +1,105 @@
+"""A stand-in Engine without a model: a token every N ms, for measuring everything but inference.
+
+`model.path = "fake://40ms"` selects it (scripts/bench --fleet runs 16 nodes on 2 cores this way):
+each decode step waits until N ms after the previous one and every generating slot gets one more
+token, a word from a short list. Prompts are "tokenised" as every 4th byte of the messages, so
+prefix reuse and the KV keep store behave as with a model; KV states are empty. Only
+open_fake() knows the spelling of the path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+from . import scheduler
+from .engine import Engine, Row, Sampler, SamplingParams
+from .settings import ModelSettings
+
+# pathlib folds "fake://40ms" into "fake:/40ms"; accept either.
+_FAKE_PATH: Final = re.compile(r"fake:/{0,2}(\d+(?:\.\d+)?)ms")
+_WORDS: Final = tuple(
+    f" {w}".encode() for w in ("the", "sea", "is", "calm", "and", "blue", "tonight")
+)
+
+
+def open_fake(settings: ModelSettings) -> FakeEngine | None:
+    """A FakeEngine if `settings.path` asks for one (`fake://<milliseconds>ms`), else None."""
+    match = _FAKE_PATH.fullmatch(str(settings.path))
+    return None if match is None else FakeEngine(settings, float(match.group(1)) / 1000)
+
+
+class FakeSampler(Sampler):
+    """Picks the next word of _WORDS; needs no logits."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self, params: SamplingParams, n_vocab: int, *_: Any) -> None:
+        self._next = params.seed % len(_WORDS)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        token = self._next
+        self._next = (token + 1) % len(_WORDS)
+        return token
+
+    def close(self) -> None:
+        pass
+
+
+class FakeEngine(Engine):
+    """The attributes and methods of Engine the scheduler uses; none of Engine's state.
+
+    A subclass only so that it type-checks where an Engine goes, until the engine sits behind an
+    interface (issue 12). Until then the scheduler also builds its samplers itself, from
+    `scheduler.Sampler`; a fake engine has no logits to sample, so it puts FakeSampler there. Only
+    a node started with a fake model path ever constructs one.
+    """
+
+    def __init__(self, settings: ModelSettings, interval: float) -> None:  # no super(): no model
+        scheduler.Sampler = FakeSampler  # type: ignore[attr-defined]
+        self.interval = interval
+        self.slots = settings.slots
+        self.n_batch = settings.n_batch
+        self.n_ctx_seq = settings.n_ctx
+        self.n_vocab = len(_WORDS)
+        self.threads = 1
+        self.vocab = None
+        self.ctx = None
+        self._next_step = 0.0
+
+    def decode(self, rows: Sequence[Row]) -> list[int]:
+        now = time.monotonic()
+        if self._next_step > now:
+            time.sleep(self._next_step - now)
+        self._next_step = max(now, self._next_step) + self.interval
+        return [i if row.logits else -1 for i, row in enumerate(rows)]
+
+    def forget(self, seq: int, keep: int = 0) -> None:
+        pass
+
+    def seq_state_size(self, seq: int) -> int:
+        return 0
+
+    def save_seq(self, seq: int) -> ctypes.Array[ctypes.c_uint8]:
+        return (ctypes.c_uint8 * 0)()
+
+    def restore_seq(self, seq: int, state: ctypes.Array[ctypes.c_uint8]) -> bool:
+        return True
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        return list(text.encode("utf-8")[::4])
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+
+    def piece(self, token: int) -> bytes:
+        return _WORDS[token % len(_WORDS)]
+
+    def is_end(self, token: int) -> bool:
+        return False  # replies run to max_tokens: the bench wants slots busy
+
+    def close(self) -> None:
+        pass
