@@ -327,6 +327,40 @@ _REFUSALS: Final = frozenset(
 )
 
 
+class _Pins:
+    """Which node a pooled conversation's follow-ups go to: the one named in its first `start`,
+    while that node is not offline (its history is there)."""
+
+    def __init__(self, core: _Core, node: str | None, group: str) -> None:
+        self._core = core
+        self.node = node  # None: the client asks the pool
+        self.group = group
+        self._pins: dict[str, str] = {}  # conversation id -> the node that holds its history
+
+    def pinned(self, conversation_id: str) -> str | None:
+        return self._pins.get(conversation_id)
+
+    def target_for(self, conversation_id: str, reset: bool) -> str:
+        if self.node is not None:
+            return self.node
+        pinned = self._pins.get(conversation_id)
+        if reset or pinned is None:
+            return self.group  # a fresh conversation may go to any node
+        status = self._core.status(pinned)
+        if status is not None and status.state == NodeState.OFFLINE:
+            # Its history is out of reach; waiting in its session would be worse than
+            # starting afresh on a node that is there.
+            self._pins.pop(conversation_id, None)
+            return self.group
+        return pinned
+
+    def pin(self, conversation_id: str, node: str) -> None:
+        self._pins[conversation_id] = node
+
+    def unpin(self, conversation_id: str) -> None:
+        self._pins.pop(conversation_id, None)
+
+
 class _Exchange:
     """Sends a request, resends it, and turns its messages into texts and an end.
 
@@ -334,19 +368,20 @@ class _Exchange:
 
     def __init__(
         self,
-        owner: EdgeClient,
+        core: _Core,
+        pins: _Pins,
         body: dict[str, Any],
         sink: Sink,
         on_restart: Callable[[], None] | None,
     ) -> None:
-        self._owner = owner
-        self._core = owner._core
+        self._pins = pins
+        self._core = core
         self._body = body
         self._sink = sink
         self._on_restart = on_restart
         self.conversation_id: str = body["conversation_id"]
-        self.pooled = owner.node is None
-        self.target = owner._target_for(self.conversation_id, bool(body.get("reset")))
+        self.pooled = pins.node is None
+        self.target = pins.target_for(self.conversation_id, bool(body.get("reset")))
         self.retried_lost = False
         self.restarts = 0
         self.ready: deque[str] = deque()  # chunk texts in order, not yet handed out
@@ -456,7 +491,7 @@ class _Exchange:
         if isinstance(message, StartMessage):
             self.start = message
             if self.pooled:
-                self._owner._pin(self.conversation_id, message.node)
+                self._pins.pin(self.conversation_id, message.node)
         elif isinstance(message, ChunkMessage):
             self._texts.append(message.text)
             self.ready.append(message.text)
@@ -480,12 +515,12 @@ class _Exchange:
         """Once: the node serving this pooled request went away; ask the pool again, as a new
         request (the lost reply's seqs would otherwise mix with the new one's)."""
         self.retried_lost = True
-        self._owner._unpin(self.conversation_id)
+        self._pins.unpin(self.conversation_id)
         self._core.unregister(self.request_id)
         if self._handed:
             self._restarted()
         self.ready.clear()
-        self.target = self._owner.group
+        self.target = self._pins.group
         self._new_generation()
         self.send()
 
@@ -714,7 +749,8 @@ class EdgeClient:
     ) -> Self:
         """A client with the broker, TLS, credentials and protocol of qwen-edge settings."""
         client = cls.__new__(cls)
-        client._setup(
+        cls._setup(
+            client,
             settings.mqtt,
             client_id=client_id,
             node=node,
@@ -742,7 +778,7 @@ class EdgeClient:
         self.prefix = prefix
         self._connect_timeout = connect_timeout
         self._core = _Core(mqtt, client_id, prefix, resend_after)
-        self._pins: dict[str, str] = {}  # conversation id -> the node that holds its history
+        self._pins = _Pins(self._core, node, group)
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -772,29 +808,7 @@ class EdgeClient:
 
     def pinned_node(self, conversation_id: str) -> str | None:
         """The node a pooled conversation's follow-ups go to."""
-        return self._pins.get(conversation_id)
-
-    # -- pinning --------------------------------------------------------------------------------
-
-    def _target_for(self, conversation_id: str, reset: bool) -> str:
-        if self.node is not None:
-            return self.node
-        pinned = self._pins.get(conversation_id)
-        if reset or pinned is None:
-            return self.group  # a fresh conversation may go to any node
-        status = self._core.status(pinned)
-        if status is not None and status.state == NodeState.OFFLINE:
-            # Its history is out of reach; waiting in its session would be worse than
-            # starting afresh on a node that is there.
-            self._pins.pop(conversation_id, None)
-            return self.group
-        return pinned
-
-    def _pin(self, conversation_id: str, node: str) -> None:
-        self._pins[conversation_id] = node
-
-    def _unpin(self, conversation_id: str) -> None:
-        self._pins.pop(conversation_id, None)
+        return self._pins.pinned(conversation_id)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -806,7 +820,8 @@ class EdgeClient:
         on_restart: Callable[[], None] | None,
         options: dict[str, Any],
     ) -> _Exchange:
-        exchange = _Exchange(self, _body(prompt, conversation_id, options), sink, on_restart)
+        body = _body(prompt, conversation_id, options)
+        exchange = _Exchange(self._core, self._pins, body, sink, on_restart)
         exchange.send()
         return exchange
 
@@ -913,7 +928,10 @@ class AsyncEdgeClient:
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
 
         options = {"max_tokens": max_tokens, "reset": False, **fields}
-        exchange = self._client._exchange(prompt, conversation_id, sink, on_restart, options)
+        # AsyncEdgeClient is EdgeClient's asyncio face, in the same module: it shares its requests.
+        exchange = self._client._exchange(  # noqa: SLF001
+            prompt, conversation_id, sink, on_restart, options
+        )
         return AsyncStream(exchange, inbox, timeout)
 
     async def ask(

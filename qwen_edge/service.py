@@ -30,7 +30,7 @@ from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
-from .fakeengine import open_fake
+from .fakeengine import FakeEngine, open_fake
 from .health import Health, status_payload
 from .homeassistant import Announcer, package_version
 from .intake import Intake
@@ -161,7 +161,7 @@ class Service:
         )
         return state, conversations
 
-    def _load_model(self) -> Engine | None:
+    def _load_model(self) -> Engine | FakeEngine | None:
         """The model file checked, then loaded; None: it is unusable (logged)."""
         s = self.settings
         try:
@@ -176,7 +176,7 @@ class Service:
                     )
                 systemd_notify.notify("STATUS=loading model")
             with phase("model_loaded") as logged:
-                engine = fake or Engine(s.model)
+                engine: Engine | FakeEngine = fake or Engine(s.model)
                 logged.update(
                     model=self.model_name,
                     path=str(s.model.path),
@@ -191,7 +191,7 @@ class Service:
         return engine
 
     def _open_intake(
-        self, engine: Engine, conversations: ConversationStore
+        self, engine: Engine | FakeEngine, conversations: ConversationStore
     ) -> tuple[Scheduler, threading.Thread]:
         """The scheduler on its inference thread; the intake hands it the requests kept while
         loading, then every delivery straight away."""
@@ -256,7 +256,9 @@ class Service:
             )
         self.health.start_stats()
 
-    def _shutdown(self, scheduler: Scheduler, inference: threading.Thread, engine: Engine) -> None:
+    def _shutdown(
+        self, scheduler: Scheduler, inference: threading.Thread, engine: Engine | FakeEngine
+    ) -> None:
         began = time.monotonic()
         systemd_notify.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping")
