@@ -12,7 +12,8 @@ import codecs
 import ctypes
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -305,16 +306,41 @@ class EngineLike(Protocol):
 _LOG_LEVEL_ERROR: Final = 4  # GGML_LOG_LEVEL_ERROR
 
 
+def _to_stderr(text: bytes) -> None:
+    os.write(2, text)
+
+
+_error_sink: Callable[[bytes], None] = _to_stderr
+
+
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp is chatty on stderr; keep only its errors.
     if level == _LOG_LEVEL_ERROR:
-        os.write(2, text)
+        _error_sink(text)
 
 
 def quiet_llama_logs() -> None:
     """Route llama.cpp's log through a filter that keeps only its errors."""
     llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+
+
+@contextmanager
+def llama_errors() -> Iterator[list[str]]:
+    """llama.cpp's errors logged within the block, one line each, collected instead of written
+    to stderr (doctor shows why a model would not load)."""
+    global _error_sink
+    errors: list[str] = []
+
+    def collect(text: bytes) -> None:
+        errors.append(text.decode(errors="replace").strip())
+
+    _error_sink = collect
+    quiet_llama_logs()
+    try:
+        yield errors
+    finally:
+        _error_sink = _to_stderr
 
 
 def _kv_shape(model: Any) -> tuple[int, int]:
