@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .budget import MIB, BudgetError, plan_memory
+from .budget import MIB, BudgetError, MemoryPlan, plan_memory
 from .modelfile import ModelError
 from .settings import ModelSettings
 
@@ -367,29 +367,59 @@ def _meta(model: Any, key: str) -> str | None:
     return buf.value.decode() if n >= 0 else None
 
 
+def _load_model(settings: ModelSettings) -> Any:
+    mparams = llama_cpp.llama_model_default_params()
+    # Mapped, so the kernel may drop (and re-read) weight pages under memory pressure, and
+    # several processes share one copy; mlock pins them.
+    mparams.load_mode = (
+        llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
+        if settings.use_mlock
+        else llama_cpp.LLAMA_LOAD_MODE_MMAP
+    )
+    model = llama_cpp.llama_model_load_from_file(str(settings.path).encode(), mparams)
+    if not model:
+        raise ModelError(f"model file {settings.path}: llama.cpp could not load it")
+    return model
+
+
+def _context_params(settings: ModelSettings, plan: MemoryPlan, threads: int) -> Any:
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = plan.n_ctx * plan.slots
+    cparams.n_batch = settings.n_batch
+    cparams.n_ubatch = settings.n_batch
+    cparams.n_seq_max = plan.slots
+    # A decode step wants logits for at most one token per slot. Without this bound llama.cpp
+    # sizes its output and compute buffers for n_batch rows of logits: with Qwen's 151,936-
+    # token vocabulary that is ~300 MB at n_batch 512, more than the model itself.
+    cparams.n_outputs_max = plan.slots
+    cparams.n_outputs_max_per_seq = 1
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.kv_unified = False
+    cparams.no_perf = True
+    # Measured on the Qwen2.5-0.5B proxy, 2 x86 cores: 5% slower for one stream, 22% faster
+    # for four, and no n_kv x n_tokens attention matrix in the compute buffer.
+    cparams.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if settings.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    if plan.kv_cache_type == "q8_0":
+        cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_Q8_0
+    return cparams
+
+
 class Engine:
     """A loaded model and a context with one KV sequence per slot."""
 
     def __init__(self, settings: ModelSettings) -> None:
         quiet_llama_logs()
         llama_cpp.llama_backend_init()
-
-        mparams = llama_cpp.llama_model_default_params()
-        # Mapped, so the kernel may drop (and re-read) weight pages under memory pressure, and
-        # several processes share one copy; mlock pins them.
-        mparams.load_mode = (
-            llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK
-            if settings.use_mlock
-            else llama_cpp.LLAMA_LOAD_MODE_MMAP
-        )
-        model = llama_cpp.llama_model_load_from_file(str(settings.path).encode(), mparams)
-        if not model:
-            raise ModelError(f"model file {settings.path}: llama.cpp could not load it")
-        self._model = model
+        self._model = _load_model(settings)
         try:
-            self.plan = plan_memory(settings, settings.path.stat().st_size, *_kv_shape(model))
+            self.plan = plan_memory(settings, settings.path.stat().st_size, *_kv_shape(self._model))
         except (BudgetError, OSError) as exc:
-            llama_cpp.llama_model_free(model)
+            llama_cpp.llama_model_free(self._model)
             raise ModelError(str(exc)) from None
         log.info(
             "memory_plan",
@@ -400,45 +430,21 @@ class Engine:
             kv_keep_mb=self.plan.kv_keep_mb,
             need_mb=round(self.plan.need_bytes / MIB),
         )
-        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.slots = self.plan.slots
         self.n_batch = settings.n_batch
-
-        threads = settings.threads or len(os.sched_getaffinity(0))
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.plan.n_ctx * self.plan.slots
-        cparams.n_batch = settings.n_batch
-        cparams.n_ubatch = settings.n_batch
-        cparams.n_seq_max = self.plan.slots
-        # A decode step wants logits for at most one token per slot. Without this bound llama.cpp
-        # sizes its output and compute buffers for n_batch rows of logits: with Qwen's 151,936-
-        # token vocabulary that is ~300 MB at n_batch 512, more than the model itself.
-        cparams.n_outputs_max = self.plan.slots
-        cparams.n_outputs_max_per_seq = 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = False
-        cparams.no_perf = True
-        # Measured on the Qwen2.5-0.5B proxy, 2 x86 cores: 5% slower for one stream, 22% faster
-        # for four, and no n_kv x n_tokens attention matrix in the compute buffer.
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if settings.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        if self.plan.kv_cache_type == "q8_0":
-            cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_Q8_0
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        self.threads = settings.threads or len(os.sched_getaffinity(0))
+        cparams = _context_params(settings, self.plan, self.threads)
+        ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not ctx:
-            llama_cpp.llama_model_free(model)
+            llama_cpp.llama_model_free(self._model)
             raise ModelError(
                 f"model {settings.path}: could not create a context of {cparams.n_ctx} tokens"
             )
         self.ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
-        self.threads = threads
 
         self._formatter = Jinja2ChatFormatter(
             template=self._chat_template(),

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 import huggingface_hub
-from huggingface_hub import constants, get_hf_file_metadata, get_token, hf_hub_url
+from huggingface_hub import HfFileMetadata, constants, get_hf_file_metadata, get_token, hf_hub_url
 from huggingface_hub.errors import (
     HfHubHTTPError,
     OfflineModeIsEnabled,
@@ -114,55 +114,20 @@ def _pull_into(
     say: Callable[[str], None],
 ) -> Pulled:
     target = models_dir / model.file
-    try:
-        present = os.fdopen(_open_entry(dir_fd, target, os.O_RDONLY), "rb")
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise PullError(f"{target}: {exc.strerror or exc}") from None
-    else:
-        with present:
-            try:
-                info = verify_open_model(present, target, size=model.size, sha256=model.sha256)
-            except ModelError as exc:
-                say(f"{exc}; downloading it again")
-            else:
-                return Pulled(target, info.size, model.sha256, downloaded=False, resumed_from=0)
+    kept = _already_there(model, target, dir_fd, say)
+    if kept is not None:
+        return kept
     if offline():
         raise PullError(
             f"{model.name} is not in {models_dir} and HF_HUB_OFFLINE is set: copy "
             f"{model.file} there by hand (then `qwen-edge model verify {model.name}`) "
             "or unset HF_HUB_OFFLINE"
         )
-
     url = hf_hub_url(model.repo, model.file, revision=model.revision)
-    try:
-        meta = get_hf_file_metadata(url, retry_on_errors=True)
-    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as exc:
-        raise PullError(
-            f"{model.repo}@{model.revision}/{model.file} not found on {constants.ENDPOINT} "
-            f"({type(exc).__name__}; a private or gated repository needs HF_TOKEN)"
-        ) from None
-    except OfflineModeIsEnabled:
-        raise PullError("HF_HUB_OFFLINE is set: no downloads") from None
-    except (HfHubHTTPError, OSError, httpx2.HTTPError) as exc:
-        raise PullError(f"cannot reach {constants.ENDPOINT}: {_one_line(exc)}") from None
-
+    meta = _checked_metadata(model, url)
     # The Hub's ETag of an LFS file is the file's SHA-256.
     hub_sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
-    if model.sha256 and hub_sha and hub_sha != model.sha256:
-        raise PullError(
-            f"{model.repo}@{model.revision}/{model.file} on {constants.ENDPOINT} has SHA-256 "
-            f"{hub_sha}, the catalog expects {model.sha256}: refusing to download it"
-        )
-    if model.size and meta.size and meta.size != model.size:
-        raise PullError(
-            f"{model.repo}@{model.revision}/{model.file} on {constants.ENDPOINT} is "
-            f"{meta.size} bytes, the catalog expects {model.size}: refusing to download it"
-        )
     expected_sha = model.sha256 or hub_sha
-    size = model.size or meta.size
-
     headers = {}
     location = meta.location
     token = get_token()  # HF_TOKEN, or the one `hf auth login` stored
@@ -186,7 +151,7 @@ def _pull_into(
                 target=target,
                 dir_fd=dir_fd,
                 headers=headers,
-                size=size,
+                size=model.size or meta.size,
                 expected_sha=expected_sha,
                 progress=progress,
                 say=say,
@@ -195,6 +160,52 @@ def _pull_into(
         except OSError as exc:  # writing the partial file or renaming it
             raise PullError(f"{partial}: {exc.strerror or exc}") from None
     return Pulled(target, info.size, expected_sha, downloaded=True, resumed_from=resumed)
+
+
+def _already_there(
+    model: CatalogModel, target: Path, dir_fd: int, say: Callable[[str], None]
+) -> Pulled | None:
+    """The model when a verified copy is in place already (opened without following links)."""
+    try:
+        present = os.fdopen(_open_entry(dir_fd, target, os.O_RDONLY), "rb")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PullError(f"{target}: {exc.strerror or exc}") from None
+    with present:
+        try:
+            info = verify_open_model(present, target, size=model.size, sha256=model.sha256)
+        except ModelError as exc:
+            say(f"{exc}; downloading it again")
+            return None
+    return Pulled(target, info.size, model.sha256, downloaded=False, resumed_from=0)
+
+
+def _checked_metadata(model: CatalogModel, url: str) -> HfFileMetadata:
+    """The Hub's metadata of the file, refused when it contradicts the catalog."""
+    try:
+        meta = get_hf_file_metadata(url, retry_on_errors=True)
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as exc:
+        raise PullError(
+            f"{model.repo}@{model.revision}/{model.file} not found on {constants.ENDPOINT} "
+            f"({type(exc).__name__}; a private or gated repository needs HF_TOKEN)"
+        ) from None
+    except OfflineModeIsEnabled:
+        raise PullError("HF_HUB_OFFLINE is set: no downloads") from None
+    except (HfHubHTTPError, OSError, httpx2.HTTPError) as exc:
+        raise PullError(f"cannot reach {constants.ENDPOINT}: {_one_line(exc)}") from None
+    hub_sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
+    if model.sha256 and hub_sha and hub_sha != model.sha256:
+        raise PullError(
+            f"{model.repo}@{model.revision}/{model.file} on {constants.ENDPOINT} has SHA-256 "
+            f"{hub_sha}, the catalog expects {model.sha256}: refusing to download it"
+        )
+    if model.size and meta.size and meta.size != model.size:
+        raise PullError(
+            f"{model.repo}@{model.revision}/{model.file} on {constants.ENDPOINT} is "
+            f"{meta.size} bytes, the catalog expects {model.size}: refusing to download it"
+        )
+    return meta
 
 
 def _open_models_dir(models_dir: Path) -> int:
