@@ -17,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 import jsonschema
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, json_schema_to_gbnf
 
 # Keywords that constrain nothing: dropped before conversion.
 ANNOTATIONS: Final = frozenset(
@@ -45,6 +45,12 @@ MAX_NODES: Final = 2000
 STRING_FORMATS: Final = frozenset(
     {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 )
+# The converter's rule for one character of a JSON string, `[^"\\] | "\\" (...)`, lets raw
+# control characters through, which JSON forbids (json.loads: "Invalid control character"), and
+# a model readily puts a newline after a name. llama.cpp's own converter and JSON_GBNF exclude
+# them as here; 0x7F with them, as they do.
+CHAR_RULE: Final = str(PRIMITIVE_RULES["char"].content)
+STRICT_CHAR_RULE: Final = CHAR_RULE.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1)
 # The types the converter has a rule for.
 SIMPLE_TYPES: Final = frozenset({"array", "boolean", "integer", "null", "number", "string"})
 
@@ -79,13 +85,16 @@ def _schema_grammar(text: str) -> str:
         ) from None
     try:
         plain = _Checker(schema).check(schema, "#", ())
-        return str(json_schema_to_gbnf(json.dumps(plain)))
+        grammar = str(json_schema_to_gbnf(json.dumps(plain)))
     except UnsupportedSchema:
         raise
     except RecursionError:
         raise UnsupportedSchema("the schema is nested too deeply") from None
     except Exception as exc:  # the converter refuses with asserts and ValueErrors
         raise UnsupportedSchema(f"the grammar converter refused it: {exc}") from None
+    # Only the converter's char rule holds this text: literals with quotes or backslashes are
+    # refused above.
+    return grammar.replace(f"::= {CHAR_RULE}", f"::= {STRICT_CHAR_RULE}")
 
 
 class _Checker:

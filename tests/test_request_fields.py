@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 import llama_cpp
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -486,6 +487,50 @@ def test_checking_only_the_picked_token_picks_what_masking_every_token_would() -
             text = b"".join(engine.piece(t) for t in ours).decode()
             jsonschema.validate(json.loads(text), schema)
     finally:
+        engine.close()
+
+
+def _forced(sampler: GrammarSampler, logits: Any, index: int, *tokens: int) -> int:
+    """What the sampler picks when the model all but insists on `tokens`, best first."""
+    logits[:] = 0.0
+    for rank, token in enumerate(tokens):
+        logits[token] = 30.0 - rank
+    return sampler.sample(index)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [{"type": "object", "properties": {"name": NAME}, "required": ["name"]}, "json"],
+    ids=["schema", "json"],
+)
+def test_grammar_refuses_a_control_character_inside_a_string(fmt: Any) -> None:
+    """JSON forbids raw control characters in a string: when the model prefers a token with a
+    newline inside one (common: a name, then a line break), the grammar must refuse it. The
+    converter's own `char` rule let them through, and the reply failed json.loads."""
+    engine = Engine(ModelSettings(path=SMOLLM, n_ctx=512, slots=1, threads=1))
+    sampler = engine.new_sampler(SamplingParams(0, 1, 0, 0, 1, 0, 0, grammar_for(fmt)))
+    try:
+        assert isinstance(sampler, GrammarSampler)
+        index = engine.decode(
+            [Row(0, engine.chat_prompt([{"role": "user", "content": "Hi"}]), 0, True)]
+        )[0]
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(engine.ctx, index), shape=(engine.n_vocab,)
+        )
+        text = '{"name": "Luna'
+        for token in engine.tokenize(text, special=False):
+            assert _forced(sampler, logits, index, token) == token  # the grammar allows these
+        (letter,) = engine.tokenize("x", special=False)
+        for bad in ("\n", "\n\n", "\r\n", "\t", "\x01"):
+            (token,) = engine.tokenize(bad, special=False)
+            # Refused, the model's next choice: the string stays open for the next one.
+            assert _forced(sampler, logits, index, token, letter) == letter, repr(bad)
+            text += "x"
+        for token in engine.tokenize('"}', special=False):
+            assert _forced(sampler, logits, index, token) == token  # and the reply can end
+        assert json.loads(text + '"}') == {"name": "Lunaxxxxx"}
+    finally:
+        sampler.close()
         engine.close()
 
 
