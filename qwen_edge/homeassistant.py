@@ -218,7 +218,8 @@ class Announcer:
 def read_record(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # Never announced; or no usable state directory, which the state store reports.
         return []
     except (OSError, ValueError) as exc:
         log.warning("homeassistant_record_unreadable", path=str(path), error=str(exc))
