@@ -19,6 +19,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 
@@ -45,6 +46,7 @@ from .protocol import (
     Topics,
     WatchKind,
     encode,
+    final_seq,
     parse_cancel,
     parse_request,
 )
@@ -76,6 +78,16 @@ def _probe_fields(payload: bytes) -> tuple[str, str] | None:
     if any(ch in node for ch in "/+#\0"):
         return None
     return node, nonce
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """A pooled reply's end: free its limiter count, then drop its fleet claim."""
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 def package_version() -> str:
@@ -166,6 +178,8 @@ class Service:
         (or their removal once, after the feature was turned off)."""
         self._on_connected()
         assert self._link is not None
+        if self._failover is not None:
+            self._failover.announce()  # sent while disconnected, a change was skipped
         for topic, payload in self._homeassistant.messages():
             self._link.publish_retained(topic, payload)
 
@@ -232,7 +246,7 @@ class Service:
             self._early.append(msg)
 
     def _on_pool_message(self, msg: Inbound) -> None:
-        """From the pool link: pooled requests and cancels, pooled replies, node statuses."""
+        """From the pool link: pooled requests and cancels, returned probes, claims, statuses."""
         assert self.fleet is not None and self._failover is not None
         route = self.fleet.parse(msg.topic)
         if isinstance(route, InboundTopic):
@@ -246,8 +260,8 @@ class Service:
         elif route is not None and route.kind is WatchKind.REPLY:
             if route.name == PROBE_CLIENT:
                 self._on_probe(msg.payload, echoed=True)
-            else:
-                self._failover.on_reply(msg.topic, msg.payload, msg.correlation)
+        elif route is not None and route.kind is WatchKind.CLAIMS:
+            self._failover.on_claims(route.name, msg.payload)
         elif route is not None and route.kind is WatchKind.STATUS:
             self._failover.on_status(route.name, msg.payload, msg.retained)
 
@@ -345,6 +359,10 @@ class Service:
                 msg.topic, msg.payload, msg.response_topic, msg.correlation
             )
         entry = journal.entry(client_id, parsed.request_id, topic, correlation, inbox_id)
+        if pooled and self._failover is not None:
+            # Claimed before the scheduler sends `start`; every path below ends the reply or
+            # calls release(), so the claim goes with it (docs/protocol.md, "Fleet").
+            release = _then(release, self._failover.claim(topic, parsed.request_id, correlation))
         stream = ReplyStream(
             self._link.publish, topic, parsed.request_id, correlation, journal=entry, on_end=release
         )
@@ -557,7 +575,15 @@ class Service:
             # Joins the pool only now, loaded: a loading node would sit on its share of pooled
             # requests. Replies go out on the main link, whose retained status (with the
             # group) the fleet sees first: `online` waits for the pool's SUBACK and probe.
-            self._failover = Failover(s.node_id, self.fleet.group, self._link.publish)
+            self._failover = Failover(
+                s.node_id,
+                self.fleet.group,
+                self._link.publish,
+                publish_retained=self._link.publish_retained,
+                claims_topic=self.fleet.claims,
+                final_seq=final_seq(s.generation.max_tokens_limit),
+            )
+            self._failover.announce()  # replaces what a previous process left retained
             self._pool_link = MqttLink(
                 s.mqtt,
                 client_id=f"{s.mqtt.client_id or f'qwen-edge-{s.node_id}'}-pool",
