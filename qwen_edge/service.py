@@ -583,7 +583,6 @@ class Service:
                 claims_topic=self.fleet.claims,
                 final_seq=final_seq(s.generation.max_tokens_limit),
             )
-            self._failover.announce()  # replaces what a previous process left retained
             self._pool_link = MqttLink(
                 s.mqtt,
                 client_id=f"{s.mqtt.client_id or f'qwen-edge-{s.node_id}'}-pool",
@@ -683,6 +682,10 @@ class Service:
         inference.join()
         if self._pool_link is not None:
             self._pool_link.stop()
+        if self._failover is not None:
+            # Every reply has ended: say so now, not after the coalescing interval, which
+            # would come after the link closes and leave claims for the leader to end.
+            self._failover.announce()
         self._link.wait_flushed(timeout=5.0)
         self._link.stop(self._status("offline", reason="stopped"))
         engine.close()
