@@ -696,6 +696,64 @@ def test_node_killed_midway_no_pooled_request_is_silently_lost(
             d.stop(signal.SIGKILL)
 
 
+def test_a_node_receives_nothing_of_another_nodes_reply(tmp_path: Path) -> None:
+    """What a node receives does not grow with its pool's tokens: while one node streams a
+    long pooled reply, mosquitto sends its chunks to the client and to no node. Counted by the
+    broker itself ($SYS): every PUBLISH it sent, against the chunks the client got."""
+    broker = Broker(tmp_path / "broker", BROKER_CONF, "sys_interval 1")
+    broker.start()
+    nodes = [
+        Daemon(
+            tmp_path / name,
+            broker,
+            Path("fake://20ms"),  # no model: a token every 20 ms
+            QWEN_EDGE_NODE_ID=name,
+            QWEN_EDGE_FLEET__STATS_INTERVAL="0",
+        )
+        for name in ("node-a", "node-b")
+    ]
+    events: queue.Queue[tuple[float, str, bytes]] = queue.Queue()
+    dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="counter", protocol=paho.MQTTv5)
+    dev.on_message = lambda c, u, m: events.put((time.monotonic(), m.topic, m.payload))
+    try:
+        for d in nodes:
+            d.start()
+        dev.connect("127.0.0.1", broker.port)
+        dev.loop_start()
+        dev.subscribe(f"{PREFIX}/{POOL}/reply/counter/#", qos=1)
+        dev.subscribe("$SYS/broker/publish/messages/sent")
+        time.sleep(1.0)
+        body = {"request_id": "long", "message": "Go on.", "max_tokens": 250}
+        dev.publish(f"{PREFIX}/{POOL}/request/counter", json.dumps(body), qos=1)
+        samples: list[tuple[float, int]] = []  # (arrival, PUBLISH packets sent so far)
+        chunks: list[float] = []  # arrival of each chunk
+        final: float | None = None
+        while final is None or samples[-1][0] < final:
+            at, topic, payload = events.get(timeout=60)
+            if topic.startswith("$SYS"):
+                samples.append((at, int(payload)))
+            elif (message := json.loads(payload))["type"] == "chunk":
+                chunks.append(at)
+            elif message["type"] in ENDS:
+                assert message["type"] == "done", message["message"]
+                final = at
+        # Between the first and the last count taken while the reply streamed.
+        assert chunks, "no chunk: the reply ended at once"
+        inside = [s for s in samples if chunks[0] < s[0] < final]
+        assert len(inside) >= 3, (samples, chunks[0], final)
+        (t0, sent0), (t1, sent1) = inside[0], inside[-1]
+        got = sum(1 for at in chunks if t0 < at <= t1)
+        others = len(inside) - 1  # the $SYS counts themselves, sent to this client
+        # Before: every chunk went to both nodes' pool links too, three times the client's.
+        assert sent1 - sent0 - others <= got + 5, (sent1 - sent0, got)
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+        for d in nodes:
+            d.stop()
+        broker.stop()
+
+
 def test_node_stopped_midway_drains_and_the_pool_goes_on(
     broker: Broker, tmp_path: Path, clients: Callable[..., Probe]
 ) -> None:
