@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from . import scheduler
+from .budget import MemoryPlan
 from .engine import Engine, Row, Sampler, SamplingParams
 from .settings import ModelSettings
 
@@ -59,13 +60,24 @@ class FakeEngine(Engine):
     """
 
     def __init__(self, settings: ModelSettings, interval: float) -> None:  # no super(): no model
-        scheduler.Sampler = FakeSampler  # type: ignore[attr-defined]
+        # The scheduler builds samplers with engine.new_sampler (since the grammar merge).
+        scheduler.new_sampler = lambda params, n_vocab, vocab: FakeSampler(params, n_vocab)  # type: ignore[attr-defined]
         self.interval = interval
         self.slots = settings.slots
         self.n_batch = settings.n_batch
         self.n_ctx_seq = settings.n_ctx
         self.n_vocab = len(_WORDS)
         self.threads = 1
+        # The settings as they are: no memory budget to fit, as there is no model.
+        self.plan = MemoryPlan(
+            slots=settings.slots,
+            n_ctx=settings.n_ctx,
+            kv_cache_type=settings.kv_cache_type,
+            kv_keep_mb=settings.kv_keep_mb,
+            model_bytes=0,
+            kv_bytes=0,
+            budget_mb=None,
+        )
         self.vocab = None
         self.ctx = None
         self._next_step = 0.0
