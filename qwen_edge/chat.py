@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from .client import EdgeClient, EdgeError, Reply, Stream
+from .protocol import NodeState
 from .settings import Settings
 
 
@@ -101,7 +102,7 @@ def run_chat(settings: Settings, args: argparse.Namespace) -> int:
                 continue
             node = client.pinned_node(args.conversation) if pooled else target
             status = client.node_status(node) if node is not None else None
-            if not pooled and status is not None and status.get("state") == "offline":
+            if not pooled and status is not None and status.state == NodeState.OFFLINE:
                 print("[the node is offline; the request waits for it]", file=sys.stderr)
             _print_reply(client.stream(line, args.conversation, **options), args.timeout, pooled)
             options["system"] = None  # sent once; the conversation keeps it

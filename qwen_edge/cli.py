@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .settings import ConfigError, Settings, load_settings
 
@@ -16,22 +17,36 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qwen-edge", description="Local chat model streaming replies over MQTT."
-    )
-    parser.add_argument(
+    # Options every command takes, before or after its name. No default (SUPPRESS): a
+    # subcommand's would overwrite one given before its name; parse_args supplies None.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--config",
         type=Path,
+        default=argparse.SUPPRESS,
         help="TOML settings file (default: /etc/qwen-edge/config.toml if it exists)",
     )
+    parents = [common]
+    parser = argparse.ArgumentParser(
+        prog="qwen-edge",
+        description="Local chat model streaming replies over MQTT.",
+        parents=parents,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
-    config = sub.add_parser("config", help="print the effective settings (secrets masked)")
-    config.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    sub.add_parser("serve", parents=parents, help="run the daemon")
+    sub.add_parser("config", parents=parents, help="print the effective settings (secrets masked)")
 
-    chat = sub.add_parser("chat", help="talk to a node from the terminal")
-    chat.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    _add_chat(sub, parents)
+    _add_tools(sub, parents)
+
+    from .models import add_parser as add_model_parser
+
+    add_model_parser(sub, parents)
+    return parser
+
+
+def _add_chat(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    chat = sub.add_parser("chat", parents=parents, help="talk to a node from the terminal")
     chat.add_argument("message", nargs="*", help="send this one message, print the reply, exit")
     chat.add_argument(
         "--node",
@@ -52,15 +67,20 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for the reply's next message before giving up",
     )
 
-    fleet = sub.add_parser("fleet", help="list the nodes on the broker: state, model, load")
-    fleet.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+
+def _add_tools(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """fleet, doctor and homeassistant."""
+    fleet = sub.add_parser(
+        "fleet", parents=parents, help="list the nodes on the broker: state, model, load"
+    )
     fleet.add_argument(
         "--wait", type=float, default=1.0, help="seconds to gather status messages (default 1)"
     )
     fleet.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    doctor = sub.add_parser("doctor", help="check broker, credentials, model, CPU and memory")
-    doctor.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    doctor = sub.add_parser(
+        "doctor", parents=parents, help="check broker, credentials, model, CPU and memory"
+    )
     doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
     doctor.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)"
@@ -73,9 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     ha = sub.add_parser(
-        "homeassistant", help="print this node's Home Assistant discovery configs, or remove them"
+        "homeassistant",
+        parents=parents,
+        help="print this node's Home Assistant discovery configs, or remove them",
     )
-    ha.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
     ha.add_argument(
         "--remove", action="store_true", help="publish empty retained configs (node stopped)"
     )
@@ -84,10 +105,9 @@ def _parser() -> argparse.ArgumentParser:
         "--secrets", type=Path, help="the service's environment file, read like systemd does"
     )
 
-    from .models import add_parser as add_model_parser
 
-    add_model_parser(sub)
-    return parser
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv, argparse.Namespace(config=None))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -99,7 +119,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (a return per command)
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "doctor":  # reports a bad configuration itself, among its checks
         from .doctor import run_doctor
 

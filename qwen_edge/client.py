@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import queue
 import re
 import threading
@@ -24,25 +23,50 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import SecretStr
 
-from .protocol import ErrorCode, Topics, WatchKind, encode, node_filters, parse_node_topic
+from . import mqttclient
+from .protocol import (
+    CancelRequest,
+    ChunkMessage,
+    DoneMessage,
+    ErrorCode,
+    ErrorMessage,
+    NodeState,
+    ReplyMessage,
+    StartMessage,
+    Status,
+    Topics,
+    WatchKind,
+    encode,
+    node_filters,
+    parse_node_topic,
+    parse_reply,
+)
 from .settings import MqttSettings, Settings
-from .tls import apply_credentials
 
-__all__ = ["AsyncEdgeClient", "AsyncStream", "EdgeClient", "EdgeError", "Reply", "Stream"]
+# Status: what node_status() returns (protocol.Status, a node's retained status).
+__all__ = [
+    "AsyncEdgeClient",
+    "AsyncStream",
+    "EdgeClient",
+    "EdgeError",
+    "Reply",
+    "Status",
+    "Stream",
+]
 
 DEFAULT_GROUP: Final = "pool"
 # How long the broker keeps this client's session (subscriptions, reply messages queued for it)
 # while its link is down, e.g. across a broker restart. Dropped at once by close().
 SESSION_EXPIRY_S: Final = 600
+SESSION: Final = mqttclient.Session(expiry_s=SESSION_EXPIRY_S)
 
 
 class EdgeError(Exception):
@@ -67,55 +91,6 @@ class Reply:
     request_id: str
     model: str = ""
     timings: dict[str, float | None] = field(default_factory=dict)  # ttft_ms, tokens_per_s
-
-
-# -- reply messages: the one place they are parsed ----------------------------------------------
-# These mirror what qwen_edge/replies.py builds; they belong in protocol.py once it owns the
-# reply payloads (DESIGN.md), which others are changing now.
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    request_id: str | None
-    seq: Annotated[int, Field(ge=0)]
-
-
-class StartMessage(_Message):
-    type: Literal["start"]
-    node: str
-    model: str = ""
-
-
-class ChunkMessage(_Message):
-    type: Literal["chunk"]
-    text: str
-
-
-class DoneMessage(_Message):
-    type: Literal["done"]
-    finish_reason: str
-    usage: dict[str, int] = Field(default_factory=dict)
-    timings: dict[str, float | None] = Field(default_factory=dict)
-
-
-class ErrorMessage(_Message):
-    type: Literal["error"]
-    code: str
-    message: str = ""
-    retry_after: float | None = None
-
-
-ReplyMessage = StartMessage | ChunkMessage | DoneMessage | ErrorMessage
-_REPLY: Final = TypeAdapter[ReplyMessage](Annotated[ReplyMessage, Field(discriminator="type")])
-
-
-def parse_reply(payload: bytes) -> ReplyMessage | None:
-    """A reply message, or None for anything else (not ours to judge: ignored)."""
-    try:
-        return _REPLY.validate_json(payload)
-    except ValidationError:
-        return None
 
 
 # -- what the network thread hands to a waiting request ------------------------------------------
@@ -161,22 +136,18 @@ class _Core:
         self.inbox = f"inbox-{uuid.uuid4().hex[:12]}"
         self._routes: dict[str, tuple[Sink, str, int]] = {}  # request id -> sink, target, bytes
         self._lock = threading.Lock()
-        self._statuses: dict[str, dict[str, Any]] = {}
+        self._statuses: dict[str, Status] = {}
         self._first: queue.Queue[str | None] = queue.Queue()  # None, or why the broker refused
         self._subscribe_mid: int | None = None
         self._connected_once = False
         self.connected = threading.Event()
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            # A broker that binds a device account to the client id of its name (docs/security.md)
-            # refuses any other; an anonymous one lets several programs share a client_id.
-            client_id=mqtt.username or f"{client_id}-{uuid.uuid4().hex[:8]}",
-            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            # 3.1.1 has no session expiry: a kept session would outlive this object for good.
-            # Replies missed across a broker restart come back by resending (a replay).
-            clean_session=None if self.v5 else True,
+        # A broker that binds a device account to the client id of its name (docs/security.md)
+        # refuses any other; an anonymous one lets several programs share a client_id. On 3.1.1
+        # the session is not kept: replies missed across a broker restart come back by
+        # resending (a replay).
+        self._client = mqttclient.new_client(
+            mqtt, mqttclient.client_id_for(mqtt, client_id), session=SESSION
         )
-        apply_credentials(self._client, mqtt)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -187,14 +158,8 @@ class _Core:
 
     def connect(self, timeout: float) -> None:
         """Connect and subscribe; OSError (ConnectionError when refused) if that fails."""
-        properties = None
-        if self.v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        # Clean start the first time only (paho's default): reconnects resume the session.
-        self._client.connect(
-            self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive, properties=properties
-        )
+        # Clean start the first time only: reconnects resume the session.
+        mqttclient.connect(self._client, self.mqtt, session=SESSION)
         self._client.loop_start()
         try:
             refused = self._first.get(timeout=timeout)
@@ -206,11 +171,8 @@ class _Core:
             raise ConnectionError(f"the broker refused the connection: {refused}")
 
     def close(self) -> None:
-        properties = None
-        if self.v5:  # nothing is waiting for this session any more
-            properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 0
-        self._client.disconnect(properties=properties)
+        # Nothing is waiting for this session any more.
+        mqttclient.disconnect(self._client, self.mqtt, end_session=True)
         self._client.loop_stop()
         with self._lock:
             sinks = [sink for sink, _, _ in self._routes.values()]
@@ -246,10 +208,12 @@ class _Core:
 
     def send_cancel(self, target: str, request_id: str) -> None:
         self._client.publish(
-            self.topics(target).cancel(self.client_id), encode({"request_id": request_id}), qos=1
+            self.topics(target).cancel(self.client_id),
+            CancelRequest(request_id=request_id).encode(),
+            qos=1,
         )
 
-    def status(self, node: str) -> dict[str, Any] | None:
+    def status(self, node: str) -> Status | None:
         return self._statuses.get(node)
 
     # -- paho callbacks (network thread): parse, hand over, never block ----------------------------
@@ -342,12 +306,11 @@ class _Core:
         ]
 
     def _on_status(self, node: str, payload: bytes) -> None:
-        try:
-            status = json.loads(payload) if payload else {}
-        except ValueError:
-            return
-        if isinstance(status, dict):
+        status = Status.parse(payload)
+        if status is not None:
             self._statuses[node] = status
+        elif not payload:  # cleared: nothing known of the node any more
+            self._statuses.pop(node, None)
 
 
 # -- one request, from its first send to its end ------------------------------------------------
@@ -364,6 +327,40 @@ _REFUSALS: Final = frozenset(
 )
 
 
+class _Pins:
+    """Which node a pooled conversation's follow-ups go to: the one named in its first `start`,
+    while that node is not offline (its history is there)."""
+
+    def __init__(self, core: _Core, node: str | None, group: str) -> None:
+        self._core = core
+        self.node = node  # None: the client asks the pool
+        self.group = group
+        self._pins: dict[str, str] = {}  # conversation id -> the node that holds its history
+
+    def pinned(self, conversation_id: str) -> str | None:
+        return self._pins.get(conversation_id)
+
+    def target_for(self, conversation_id: str, reset: bool) -> str:
+        if self.node is not None:
+            return self.node
+        pinned = self._pins.get(conversation_id)
+        if reset or pinned is None:
+            return self.group  # a fresh conversation may go to any node
+        status = self._core.status(pinned)
+        if status is not None and status.state == NodeState.OFFLINE:
+            # Its history is out of reach; waiting in its session would be worse than
+            # starting afresh on a node that is there.
+            self._pins.pop(conversation_id, None)
+            return self.group
+        return pinned
+
+    def pin(self, conversation_id: str, node: str) -> None:
+        self._pins[conversation_id] = node
+
+    def unpin(self, conversation_id: str) -> None:
+        self._pins.pop(conversation_id, None)
+
+
 class _Exchange:
     """Sends a request, resends it, and turns its messages into texts and an end.
 
@@ -371,19 +368,20 @@ class _Exchange:
 
     def __init__(
         self,
-        owner: EdgeClient,
+        core: _Core,
+        pins: _Pins,
         body: dict[str, Any],
         sink: Sink,
         on_restart: Callable[[], None] | None,
     ) -> None:
-        self._owner = owner
-        self._core = owner._core
+        self._pins = pins
+        self._core = core
         self._body = body
         self._sink = sink
         self._on_restart = on_restart
         self.conversation_id: str = body["conversation_id"]
-        self.pooled = owner.node is None
-        self.target = owner._target_for(self.conversation_id, bool(body.get("reset")))
+        self.pooled = pins.node is None
+        self.target = pins.target_for(self.conversation_id, bool(body.get("reset")))
         self.retried_lost = False
         self.restarts = 0
         self.ready: deque[str] = deque()  # chunk texts in order, not yet handed out
@@ -504,7 +502,7 @@ class _Exchange:
         if isinstance(message, StartMessage):
             self.start = message
             if self.pooled:
-                self._owner._pin(self.conversation_id, message.node)
+                self._pins.pin(self.conversation_id, message.node)
         elif isinstance(message, ChunkMessage):
             self._texts.append(message.text)
             self.ready.append(message.text)
@@ -528,12 +526,12 @@ class _Exchange:
         """Once: the node serving this pooled request went away; ask the pool again, as a new
         request (the lost reply's seqs would otherwise mix with the new one's)."""
         self.retried_lost = True
-        self._owner._unpin(self.conversation_id)
+        self._pins.unpin(self.conversation_id)
         self._core.unregister(self.request_id)
         if self._handed:
             self._restarted()
         self.ready.clear()
-        self.target = self._owner.group
+        self.target = self._pins.group
         self._new_generation()
         self.send()
 
@@ -762,7 +760,8 @@ class EdgeClient:
     ) -> Self:
         """A client with the broker, TLS, credentials and protocol of qwen-edge settings."""
         client = cls.__new__(cls)
-        client._setup(
+        cls._setup(
+            client,
             settings.mqtt,
             client_id=client_id,
             node=node,
@@ -790,7 +789,7 @@ class EdgeClient:
         self.prefix = prefix
         self._connect_timeout = connect_timeout
         self._core = _Core(mqtt, client_id, prefix, resend_after)
-        self._pins: dict[str, str] = {}  # conversation id -> the node that holds its history
+        self._pins = _Pins(self._core, node, group)
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -813,36 +812,14 @@ class EdgeClient:
     ) -> None:
         self.close()
 
-    def node_status(self, node: str | None = None) -> dict[str, Any] | None:
+    def node_status(self, node: str | None = None) -> Status | None:
         """The last retained status of `node` (default: the client's node), or None."""
         name = node or self.node
         return self._core.status(name) if name is not None else None
 
     def pinned_node(self, conversation_id: str) -> str | None:
         """The node a pooled conversation's follow-ups go to."""
-        return self._pins.get(conversation_id)
-
-    # -- pinning --------------------------------------------------------------------------------
-
-    def _target_for(self, conversation_id: str, reset: bool) -> str:
-        if self.node is not None:
-            return self.node
-        pinned = self._pins.get(conversation_id)
-        if reset or pinned is None:
-            return self.group  # a fresh conversation may go to any node
-        status = self._core.status(pinned)
-        if status is not None and status.get("state") == "offline":
-            # Its history is out of reach; waiting in its session would be worse than
-            # starting afresh on a node that is there.
-            self._pins.pop(conversation_id, None)
-            return self.group
-        return pinned
-
-    def _pin(self, conversation_id: str, node: str) -> None:
-        self._pins[conversation_id] = node
-
-    def _unpin(self, conversation_id: str) -> None:
-        self._pins.pop(conversation_id, None)
+        return self._pins.pinned(conversation_id)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -854,7 +831,8 @@ class EdgeClient:
         on_restart: Callable[[], None] | None,
         options: dict[str, Any],
     ) -> _Exchange:
-        exchange = _Exchange(self, _body(prompt, conversation_id, options), sink, on_restart)
+        body = _body(prompt, conversation_id, options)
+        exchange = _Exchange(self._core, self._pins, body, sink, on_restart)
         exchange.send()
         return exchange
 
@@ -926,7 +904,7 @@ class AsyncEdgeClient:
     def pinned_node(self, conversation_id: str) -> str | None:
         return self._client.pinned_node(conversation_id)
 
-    def node_status(self, node: str | None = None) -> dict[str, Any] | None:
+    def node_status(self, node: str | None = None) -> Status | None:
         return self._client.node_status(node)
 
     async def connect(self) -> None:
@@ -961,7 +939,10 @@ class AsyncEdgeClient:
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
 
         options = {"max_tokens": max_tokens, "reset": False, **fields}
-        exchange = self._client._exchange(prompt, conversation_id, sink, on_restart, options)
+        # AsyncEdgeClient is EdgeClient's asyncio face, in the same module: it shares its requests.
+        exchange = self._client._exchange(  # noqa: SLF001
+            prompt, conversation_id, sink, on_restart, options
+        )
         return AsyncStream(exchange, inbox, timeout)
 
     async def ask(

@@ -19,18 +19,17 @@ import ssl
 import stat
 import sys
 import threading
-import uuid
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from . import mqttclient
 from .budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
-from .protocol import Topics
+from .protocol import NodeState, Status, Topics
 from .settings import (
     DEFAULT_CONFIG_FILE,
     ConfigError,
@@ -39,7 +38,7 @@ from .settings import (
     Settings,
     load_settings,
 )
-from .tls import apply_credentials, client_context
+from .tls import client_context
 
 EXIT_FAILED = 1
 MIB = 1024 * 1024
@@ -76,12 +75,6 @@ class ModelFacts:
     size: int  # bytes
     kv_elements_per_token: int  # K and V values of every layer for one token
     head_dim: int = 64  # width of a K/V head (model.memory_mb may choose q8_0 if 32 divides it)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStatus:
-    state: str | None  # None: no retained status
-    payload: dict[str, Any]
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -216,12 +209,9 @@ class BrokerSession:
         self.reason: ReasonCode | None = None
         self.status: bytes | None = None
         mqtt = settings.mqtt
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"qwen-edge-doctor-{uuid.uuid4().hex[:8]}",
-            protocol=paho.MQTTv5 if mqtt.protocol == "5" else paho.MQTTv311,
+        self.client = mqttclient.new_client(
+            mqtt, mqttclient.client_id_for(mqtt, "qwen-edge-doctor"), tls=tls
         )
-        apply_credentials(self.client, mqtt, tls)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
@@ -246,7 +236,7 @@ class BrokerSession:
         mqtt = self.settings.mqtt
         who = f"user {mqtt.username!r}" if mqtt.username else "anonymous"
         try:
-            self.client.connect(mqtt.host, mqtt.port, keepalive=30)
+            mqttclient.connect(self.client, mqtt)
         except OSError as exc:
             return Check("credentials", Level.FAIL, f"connection failed: {exc}", _broker_fix(mqtt))
         self.client.loop_start()
@@ -281,31 +271,26 @@ class BrokerSession:
             )
         return Check("credentials", Level.OK, f"connected as {who} (MQTT {mqtt.protocol})")
 
-    def node_status(self) -> NodeStatus:
-        """The node's retained status, which the broker sends right after the subscription."""
+    def node_status(self) -> Status | None:
+        """The node's retained status, which the broker sends right after the subscription;
+        None when there is none."""
         self.client.subscribe(self.status_topic, qos=1)
         if self._subscribed.wait(self.timeout):
             # mosquitto sends retained messages just after the SUBACK.
             self._status_seen.wait(min(self.timeout, 1.0))
         if self.status is None:
-            return NodeStatus(None, {})
-        try:
-            payload = json.loads(self.status)
-        except ValueError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {}
-        return NodeStatus(str(payload.get("state", "unreadable")), payload)
+            return None
+        return Status.parse(self.status) or Status(state="unreadable", protocol=None)
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
 
-def check_node(settings: Settings, status: NodeStatus) -> Check:
+def check_node(settings: Settings, status: Status | None) -> Check:
     node = settings.node_id
     start = "systemctl start qwen-edge; journalctl -u qwen-edge -e shows why it is not running"
-    if status.state is None:
+    if status is None:
         return Check(
             "node",
             Level.WARN,
@@ -313,21 +298,20 @@ def check_node(settings: Settings, status: NodeStatus) -> Check:
             "connected to this broker",
             f"{start}; or make node_id and topic_prefix match the daemon's",
         )
-    model = status.payload.get("model")
-    if status.state == "online":
+    model = status.model
+    if status.state == NodeState.ONLINE:
         return Check("node", Level.OK, f"node {node!r} is online (model {model})")
-    if status.state == "starting":
+    if status.state == NodeState.STARTING:
         return Check(
             "node",
             Level.WARN,
             f"node {node!r} is starting (loading model {model})",
             "wait a few seconds; if it stays, journalctl -u qwen-edge -e",
         )
-    reason = status.payload.get("reason")
     return Check(
         "node",
         Level.WARN,
-        f"node {node!r} is {status.state} ({reason or 'no reason given'})",
+        f"node {node!r} is {status.state} ({status.reason or 'no reason given'})",
         start,
     )
 
@@ -635,11 +619,13 @@ def check_memory(
     return Check("memory", Level.OK, parts)
 
 
-def _daemon_rss(status: NodeStatus) -> int:
+def _daemon_rss(status: Status | None) -> int:
     """Resident memory of the node's daemon if it runs on this machine (its status names its
     pid), else 0."""
-    pid = status.payload.get("pid")
-    if status.state not in ("online", "starting") or not isinstance(pid, int):
+    if status is None or status.state not in (NodeState.ONLINE, NodeState.STARTING):
+        return 0
+    pid = status.pid
+    if pid is None:
         return 0
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -668,7 +654,7 @@ def diagnose(
         checks.append(Check("memory", Level.SKIP, needs))
         return checks
 
-    status = NodeStatus(None, {})
+    status: Status | None = None
     try:
         tls = tls_context(settings.mqtt)
     except ConfigError as exc:

@@ -22,17 +22,16 @@ thread; one lock.
 from __future__ import annotations
 
 import itertools
-import json
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
-from .protocol import Claim, Claims, ErrorCode, encode, parse_claims
+from .protocol import Claim, Claims, Status, node_lost, parse_claims
 from .replies import Publish
 
 log = structlog.get_logger("qwen_edge.failover")
@@ -189,15 +188,14 @@ class Failover:
         Returns at once; a loss is acted on after the grace period (see check_losses)."""
         if node == self._node:
             return
-        status = _json_object(payload)
+        status = Status.parse(payload)
         with self._lock:
-            if status is None or status.get("group") != self._group:
+            if status is None or status.group != self._group:
                 # Not a member of this pool (or no longer): it cannot hold pooled replies.
                 self._nodes.pop(node, None)
                 return
-            state, reason = status.get("state"), status.get("reason")
             known = self._nodes.get(node)
-            entry = _Node(state == "online", reason if isinstance(reason, str) else None)
+            entry = _Node(status.online, status.reason)
             entry.lost_at = known.lost_at if known is not None else None
             if not entry.online and not retained and (known is None or known.online):
                 entry.lost_at = next(self._events)
@@ -257,20 +255,8 @@ class Failover:
         return all(self._node < name for name, n in self._nodes.items() if n.online)
 
     def _end(self, node: str, claim: Claim, final_seq: int, reason: str) -> None:
-        self._publish(
-            claim.topic,
-            encode(
-                {
-                    "type": "error",
-                    "request_id": claim.request_id,
-                    "seq": final_seq,
-                    "code": ErrorCode.NODE_LOST.value,
-                    "message": f"node {node} went offline ({reason}) before "
-                    "finishing this reply; send the request again",
-                }
-            ),
-            claim.correlation,
-        )
+        message = node_lost(claim.request_id, final_seq, node, reason)
+        self._publish(claim.topic, message.encode(), claim.correlation)
         log.info("node_lost_reply_ended", node=node, request_id=claim.request_id, topic=claim.topic)
 
 
@@ -278,11 +264,3 @@ def _later(delay: float, fn: Callable[[], None]) -> None:
     timer = threading.Timer(delay, fn)
     timer.daemon = True
     timer.start()
-
-
-def _json_object(payload: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -11,44 +11,45 @@ import json
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
-from .protocol import WatchKind, node_filters, parse_node_topic
+from . import mqttclient
+from .protocol import Stats, Status, WatchKind, node_filters, parse_node_topic
 from .settings import Settings
-from .tls import apply_credentials
 
 
 @dataclass(slots=True)
 class NodeView:
     node: str
-    status: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
+    status: Status | None = None
+    stats: Stats | None = None
 
     @property
     def online(self) -> bool:
-        return self.status.get("state") == "online"
+        return self.status is not None and self.status.online
 
     def as_json(self) -> dict[str, Any]:
+        status, stats = self.status, self.stats or Stats()
+        model = status.model if status is not None else None
+        slots = status.slots if status is not None else None
         return {
             "node": self.node,
-            "state": self.status.get("state"),
-            "reason": self.status.get("reason"),
-            "group": self.status.get("group"),
-            "model": self.status.get("model") or self.stats.get("model"),
-            "version": self.status.get("version"),
-            "slots": self.status.get("slots", self.stats.get("slots")),
+            "state": status.state if status is not None else None,
+            "reason": status.reason if status is not None else None,
+            "group": status.group if status is not None else None,
+            "model": model or stats.model,
+            "version": status.version if status is not None else None,
+            "slots": slots if slots is not None else stats.slots,
             # Load figures are as of the last stats message; `stats_ts` says when that was.
-            "active_slots": self.stats.get("active_slots"),
-            "queue_depth": self.stats.get("queue_depth"),
-            "tokens_per_s": self.stats.get("tokens_per_s"),
-            "requests_done": self.stats.get("requests_done"),
-            "uptime_s": self.stats.get("uptime_s"),
-            "stats_ts": self.stats.get("ts"),
+            "active_slots": stats.active_slots,
+            "queue_depth": stats.queue_depth,
+            "tokens_per_s": stats.tokens_per_s,
+            "requests_done": stats.requests_done,
+            "uptime_s": stats.uptime_s,
+            "stats_ts": stats.ts,
         }
 
 
@@ -67,29 +68,27 @@ def collect(settings: Settings, wait: float) -> dict[str, NodeView]:
         where = parse_node_topic(prefix, msg.topic)
         if where is None:
             return
-        try:
-            data = json.loads(msg.payload)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
-            return
-        with lock:
-            view = nodes.setdefault(where.name, NodeView(where.name))
-            if where.kind is WatchKind.STATUS:
-                view.status = data
-            else:
-                view.stats = data
+        payload = bytes(msg.payload)
+        if where.kind is WatchKind.STATUS:
+            status = Status.parse(payload)
+            if status is None:
+                return
+            with lock:
+                nodes.setdefault(where.name, NodeView(where.name)).status = status
+        else:
+            stats = Stats.parse(payload)
+            if stats is None:
+                return
+            with lock:
+                nodes.setdefault(where.name, NodeView(where.name)).stats = stats
 
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"qwen-edge-fleet-{uuid.uuid4().hex[:8]}",
-        protocol=paho.MQTTv5 if settings.mqtt.protocol == "5" else paho.MQTTv311,
+    client = mqttclient.new_client(
+        settings.mqtt, mqttclient.client_id_for(settings.mqtt, "qwen-edge-fleet")
     )
-    apply_credentials(client, settings.mqtt)
     client.on_connect = on_connect
     client.on_subscribe = lambda *_: subscribed.set()
     client.on_message = on_message
-    client.connect(settings.mqtt.host, settings.mqtt.port, keepalive=30)
+    mqttclient.connect(client, settings.mqtt)
     client.loop_start()
     try:
         if not subscribed.wait(10):
@@ -118,7 +117,7 @@ def table(nodes: dict[str, NodeView]) -> str:
     rows = [header]
     for view in nodes.values():
         v = view.as_json()
-        live = view.online and bool(view.stats)
+        live = view.online and view.stats is not None
         slots = f"{v['active_slots']}/{v['slots']}" if live else f"-/{v['slots'] or '-'}"
         rate = v["tokens_per_s"]
         rows.append(

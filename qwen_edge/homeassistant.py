@@ -259,11 +259,8 @@ def run_homeassistant(settings: Settings, args: argparse.Namespace) -> int:
     this node's configs (those its settings name and those its record names) and forget the
     record: for scripts/install --uninstall, with the node stopped. Without a record and with
     the feature off there is nothing to remove, and no broker traffic."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
+    from . import mqttclient
     from .statestore import state_directory
-    from .tls import apply_credentials
 
     if not args.remove:
         for topic, payload in configs(settings, settings.model.display_name, package_version()):
@@ -276,14 +273,10 @@ def run_homeassistant(settings: Settings, args: argparse.Namespace) -> int:
         print("homeassistant: nothing announced by this node; nothing to remove")
         return 0
     mqtt = settings.mqtt
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"qwen-edge-{settings.node_id}-homeassistant",
-        protocol=paho.MQTTv5 if mqtt.protocol == "5" else paho.MQTTv311,
-    )
-    apply_credentials(client, mqtt)
+    # The node's own account (not bound to a client id) and a name of the node's.
+    client = mqttclient.new_client(mqtt, f"qwen-edge-{settings.node_id}-homeassistant")
     try:
-        client.connect(mqtt.host, mqtt.port, keepalive=30)
+        mqttclient.connect(client, mqtt)
     except OSError as exc:
         print(f"homeassistant: cannot reach {mqtt.host}:{mqtt.port}: {exc}", file=sys.stderr)
         return 1

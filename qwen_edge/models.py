@@ -26,10 +26,12 @@ EXIT_FAILED = 1
 EXIT_MODEL = 3  # as the daemon's: the model file is unusable
 
 
-def add_parser(sub: Any) -> None:
-    """The `model` command and its subcommands, for cli.py."""
-    model = sub.add_parser("model", help="list, download, verify and select model files")
-    model.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """The `model` command and its subcommands, for cli.py; `parents`: the options every
+    command has (--config)."""
+    model = sub.add_parser(
+        "model", parents=parents, help="list, download, verify and select model files"
+    )
     verbs = model.add_subparsers(dest="model_command", required=True)
 
     ls = verbs.add_parser("list", help="the known models and which are in model.dir")

@@ -23,20 +23,22 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from . import mqttclient
 from .settings import MqttSettings
-from .tls import apply_credentials
 
 log = structlog.get_logger("qwen_edge.mqtt")
 
 # How long the broker keeps the daemon's session (its subscriptions and queued QoS 1 requests)
 # while the daemon is away, e.g. during a restart.
 SESSION_EXPIRY_S = 3600
+# The main link's session outlives this process too: requests queued across a restart.
+PERSISTENT = mqttclient.Session(expiry_s=SESSION_EXPIRY_S, resume=True)
 MAX_QUEUED_OUT = 20_000  # bounded memory when the broker is unreachable for long
 # Disconnects in a row with the same message sent and the oldest unacknowledged, before its
 # topic counts as refused by the broker. A message caught by a lost link (broker restart,
@@ -102,7 +104,6 @@ class MqttLink:
         self._blamed: tuple[paho.MQTTMessage, int] | None = None
         self._refused: OrderedDict[str, None] = OrderedDict()  # topics the broker refuses
         self._purge: set[str] = set()  # refused topics whose queued messages are still held
-        self._persistent = persistent
         self.v5 = settings.protocol == "5"
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker acknowledged this connection's SUBSCRIBE
@@ -111,21 +112,8 @@ class MqttLink:
         self._client_id = client_id
         self._last_failure: str | None = None  # logged once until it changes or we connect
 
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            clean_session=None if self.v5 else not persistent,
-        )
-        apply_credentials(client, settings)
-        if status_topic is not None and will_payload is not None:
-            client.will_set(status_topic, will_payload, qos=1, retain=True)
-        client.reconnect_delay_set(
-            min_delay=max(1, round(settings.reconnect_min_delay)),
-            max_delay=max(1, round(settings.reconnect_max_delay)),
-        )
-        client.max_inflight_messages_set(100)
-        client.max_queued_messages_set(MAX_QUEUED_OUT)
+        self._session = PERSISTENT if persistent else mqttclient.TRANSIENT
+        client = _paho_client(settings, client_id, self._session, status_topic, will_payload)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
@@ -139,17 +127,7 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until stop()."""
-        properties = None
-        if self.v5 and self._persistent:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        self._client.connect_async(
-            self._settings.host,
-            self._settings.port,
-            keepalive=self._settings.keepalive,
-            clean_start=not self._persistent,
-            properties=properties,
-        )
+        mqttclient.connect(self._client, self._settings, session=self._session, background=True)
         self._client.loop_start()
 
     def stop(self, final_status: bytes | None = None, timeout: float = 5.0) -> None:
@@ -387,3 +365,25 @@ class MqttLink:
         except Exception:
             # An exception escaping a paho callback would stop the network thread.
             log.exception("message_handler_failed")
+
+
+def _paho_client(
+    settings: MqttSettings,
+    client_id: str,
+    session: mqttclient.Session,
+    status_topic: str | None,
+    will_payload: bytes | None,
+) -> paho.Client:
+    """A link's paho client: the factory's, with the daemon's reconnect back-off and bounds,
+    and the Last Will when the link has a status."""
+    will = None
+    if status_topic is not None and will_payload is not None:
+        will = mqttclient.Will(status_topic, will_payload)
+    client = mqttclient.new_client(settings, client_id, session=session, will=will)
+    client.reconnect_delay_set(
+        min_delay=max(1, round(settings.reconnect_min_delay)),
+        max_delay=max(1, round(settings.reconnect_max_delay)),
+    )
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(MAX_QUEUED_OUT)
+    return client

@@ -1,6 +1,9 @@
-"""Protocol v1 on the wire: topic names, the request schema, and reply-message payloads.
+"""Protocol v1 on the wire (docs/protocol.md): topic names, and every payload as a typed value
+with one builder (`encode`) and one parser: requests and cancels, reply messages (start, chunk,
+done, error), a node's status and stats.
 
-This is the one module that builds or parses topic strings (see docs/protocol.md).
+This is the one module that builds or parses topic strings and payloads. It imports nothing
+heavy (no llama.cpp, no paho): devices use it through qwen_edge.client.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import base64
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -117,6 +120,9 @@ class CancelRequest(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
 
     request_id: Identifier
+
+    def encode(self) -> bytes:
+        return encode({"request_id": self.request_id})
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +309,26 @@ def parse_node_topic(prefix: str, topic: str) -> WatchedTopic | None:
 PROBE_CLIENT: Final = "$probe"
 
 
+class PoolProbe(BaseModel):
+    """The payload of a pool probe: who sent it (`probe`, a node id, which names the topic
+    level it comes back on) and a nonce that tells this run's probe from an older one's."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    probe: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/+#\x00]+$")]
+    nonce: str
+
+    def encode(self) -> bytes:
+        return encode({"probe": self.probe, "nonce": self.nonce})
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self | None:
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError:
+            return None
+
+
 @dataclass(frozen=True, slots=True)
 class FleetTopics:
     """The topics a node of a pool uses besides its own: the pool's, which have the shape of a
@@ -460,3 +486,237 @@ def parse_claims(payload: bytes) -> Claims | None:
 def encode(message: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON, the encoding of every message the daemon sends."""
     return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# -- reply messages: start, chunks, then exactly one done or error, numbered by seq --------------
+# Parsed leniently (extra fields ignored, codes and reasons as plain strings) so that a client
+# understands a newer node; built with the fields in the order docs/protocol.md shows them.
+
+
+# A JSON number kept as it came: an int stays an int, so a payload built from one is the same
+# bytes as before it went through a model (2, not 2.0).
+Number = int | float
+
+
+class _ReplyMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    request_id: str | None  # None: an error for a request whose id could not be read
+    seq: Annotated[int, Field(ge=0)]
+
+
+class StartMessage(_ReplyMessage):
+    type: Literal["start"] = "start"
+    node: str
+    model: str = ""
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "type": "start",
+                "request_id": self.request_id,
+                "seq": self.seq,
+                "node": self.node,
+                "model": self.model,
+            }
+        )
+
+
+class ChunkMessage(_ReplyMessage):
+    type: Literal["chunk"] = "chunk"
+    text: str
+
+    def encode(self) -> bytes:
+        return ChunkEncoder(self.request_id)(self.seq, self.text)
+
+
+class DoneMessage(_ReplyMessage):
+    type: Literal["done"] = "done"
+    finish_reason: str  # a FinishReason
+    usage: dict[str, int] = Field(default_factory=dict)  # prompt/completion/cached_tokens
+    timings: dict[str, Number | None] = Field(default_factory=dict)  # ttft_ms, tokens_per_s
+
+    @classmethod
+    def of(
+        cls,
+        request_id: str | None,
+        seq: int,
+        finish_reason: FinishReason,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        ttft_ms: float | None,
+        tokens_per_s: float | None,
+    ) -> Self:
+        """The done message of a reply, timings rounded as sent."""
+        return cls(
+            request_id=request_id,
+            seq=seq,
+            finish_reason=finish_reason.value,
+            usage={
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "cached_tokens": cached_tokens,
+            },
+            timings={
+                "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
+                "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
+            },
+        )
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "type": "done",
+                "request_id": self.request_id,
+                "seq": self.seq,
+                "finish_reason": self.finish_reason,
+                "usage": self.usage,
+                "timings": self.timings,
+            }
+        )
+
+
+class ErrorMessage(_ReplyMessage):
+    type: Literal["error"] = "error"
+    code: str  # an ErrorCode; a newer node may send one this version does not know
+    message: str = ""
+    retry_after: Number | None = None  # seconds, for rate_limited
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "type": "error",
+            "request_id": self.request_id,
+            "seq": self.seq,
+            "code": self.code,
+            "message": self.message,
+        }
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return encode(body)
+
+
+ReplyMessage = StartMessage | ChunkMessage | DoneMessage | ErrorMessage
+_REPLY: Final = TypeAdapter[ReplyMessage](Annotated[ReplyMessage, Field(discriminator="type")])
+
+
+def parse_reply(payload: bytes) -> ReplyMessage | None:
+    """A reply message, or None for anything else (not ours to judge: ignored)."""
+    try:
+        return _REPLY.validate_json(payload)
+    except ValidationError:
+        return None
+
+
+def node_lost(request_id: str, seq: int, node: str, reason: str) -> ErrorMessage:
+    """The error a pool member sends in place of the end of a reply whose node vanished."""
+    return ErrorMessage(
+        request_id=request_id,
+        seq=seq,
+        code=ErrorCode.NODE_LOST,
+        message=f"node {node} went offline ({reason}) before finishing this reply; "
+        "send the request again",
+    )
+
+
+# One encoder, not json.dumps(..., ensure_ascii=False): that builds a new encoder on every call,
+# and a chunk is built for every token. The output is the same.
+_encode_text: Final = json.JSONEncoder(ensure_ascii=False).encode
+
+
+class ChunkEncoder:
+    """The chunk messages of one reply, built on the per-token path: they differ only in seq
+    and text, so the head is encoded once. The same bytes as ChunkMessage(...).encode()."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, request_id: str | None) -> None:
+        # Request ids are ASCII (ID_PATTERN), so json.dumps's default escaping changes nothing.
+        self._head = b'{"type":"chunk","request_id":%s,"seq":' % json.dumps(request_id).encode(
+            "utf-8"
+        )
+
+    def __call__(self, seq: int, text: str) -> bytes:
+        return b'%s%d,"text":%s}' % (self._head, seq, _encode_text(text).encode("utf-8"))
+
+
+# -- a node's status and stats: retained, under {prefix}/{node}/status and .../stats -------------
+
+
+class NodeState(StrEnum):
+    STARTING = "starting"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Status(BaseModel):
+    """What a node is doing; also its Last Will (offline, "connection lost").
+
+    Only `state` is needed to parse one: readers show what they find."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    state: str  # a NodeState
+    node: str | None = None
+    model: str | None = None
+    version: str | None = None
+    protocol: int | None = PROTOCOL_VERSION
+    group: str | None = None  # the pool it serves; pool members count one another by it
+    slots: int | None = None  # online only
+    pid: int | None = None  # starting and online: `doctor` finds the daemon's memory by it
+    reason: str | None = None  # offline only: why
+
+    @property
+    def online(self) -> bool:
+        return self.state == NodeState.ONLINE
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "state": self.state,
+            "node": self.node,
+            "model": self.model,
+            "version": self.version,
+            "protocol": self.protocol,
+        }
+        for key in ("group", "slots", "pid", "reason"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        return encode(body)
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self | None:
+        """A status, or None for anything else (an empty payload: a status cleared)."""
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError:
+            return None
+
+
+class Stats(BaseModel):
+    """A node's load figures, published every fleet.stats_interval seconds.
+
+    Every field may be missing when parsed: readers show what they find."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    node: str | None = None
+    model: str | None = None
+    uptime_s: Number | None = None
+    slots: int | None = None
+    active_slots: int | None = None
+    queue_depth: int | None = None
+    tokens_per_s: Number | None = None  # every slot's tokens since the last stats message
+    requests_done: int | None = None
+    ts: Number | None = None  # Unix time of these figures
+
+    def encode(self) -> bytes:
+        return encode(self.model_dump())
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self | None:
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError:
+            return None

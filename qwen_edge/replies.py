@@ -1,13 +1,21 @@
-"""One request's reply stream: start, chunks, then exactly one done or error, numbered by seq."""
+"""One request's reply stream: start, chunks, then exactly one done or error, numbered by seq.
+
+It numbers and sends; protocol.py builds every message (ChunkEncoder on the per-token path)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from .protocol import ErrorCode, FinishReason, encode
+from .protocol import (
+    ChunkEncoder,
+    DoneMessage,
+    ErrorCode,
+    ErrorMessage,
+    FinishReason,
+    StartMessage,
+)
 
 # publish(topic, payload, correlation_data); must be safe to call from any thread.
 Publish = Callable[[str, bytes, bytes | None], None]
@@ -28,7 +36,7 @@ class ReplyStream:
     """Numbers and sends the messages of one reply. After done/error it sends nothing more."""
 
     __slots__ = (
-        "_chunk_head",
+        "_chunk",
         "_clock",
         "_correlation",
         "_journal",
@@ -65,10 +73,7 @@ class ReplyStream:
         self.seq = 0
         self.started = False
         self.ended = False
-        # The chunk message differs only in seq and text: keep its fixed head encoded once.
-        self._chunk_head = b'{"type":"chunk","request_id":%s,"seq":' % json.dumps(
-            request_id
-        ).encode("utf-8")
+        self._chunk = ChunkEncoder(request_id)  # the per-token builder
         self._pace = 0.0  # seconds between chunks; 0: a chunk per piece of text
         self._pending: list[str] = []  # text joined into the next paced chunk
         self._last_chunk = float("-inf")
@@ -98,15 +103,14 @@ class ReplyStream:
         self.seq += 1
         self._publish(self.topic, payload, self._correlation)
 
-    def _message(self, kind: str, **fields: Any) -> bytes:
-        return encode({"type": kind, "request_id": self.request_id, "seq": self.seq, **fields})
-
     def start(self, node: str, model: str) -> None:
         """The first message; a second call does nothing (a pooled reply starts on acceptance)."""
         if self.ended or self.started:
             return
         self.started = True
-        self._send(self._message("start", node=node, model=model))
+        self._send(
+            StartMessage(request_id=self.request_id, seq=self.seq, node=node, model=model).encode()
+        )
 
     def chunk(self, text: str) -> None:
         if self.ended:
@@ -115,12 +119,7 @@ class ReplyStream:
             text = self._paced(text)
             if not text:
                 return
-        payload = b'%s%d,"text":%s}' % (
-            self._chunk_head,
-            self.seq,
-            json.dumps(text, ensure_ascii=False).encode("utf-8"),
-        )
-        self._send(payload)
+        self._send(self._chunk(self.seq, text))
 
     def done(
         self,
@@ -136,22 +135,17 @@ class ReplyStream:
         if self.ended:
             return
         self._flush()
-        self._send_final(
-            self._message(
-                "done",
-                finish_reason=finish_reason.value,
-                usage={
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "cached_tokens": cached_tokens,
-                },
-                timings={
-                    "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
-                    "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
-                },
-            ),
-            None,
+        done = DoneMessage.of(
+            self.request_id,
+            self.seq,
+            finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            ttft_ms=ttft_ms,
+            tokens_per_s=tokens_per_s,
         )
+        self._send_final(done.encode(), None)
         self._ended()
 
     def error(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
@@ -159,8 +153,14 @@ class ReplyStream:
         if self.ended:
             return
         self._flush()
-        extra = {} if retry_after is None else {"retry_after": retry_after}
-        self._send_final(self._message("error", code=code.value, message=message, **extra), code)
+        error = ErrorMessage(
+            request_id=self.request_id,
+            seq=self.seq,
+            code=code.value,
+            message=message,
+            retry_after=retry_after,
+        )
+        self._send_final(error.encode(), code)
         self._ended()
 
     def _paced(self, text: str) -> str:

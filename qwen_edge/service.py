@@ -13,7 +13,6 @@ the failover watches). Why two: docs/protocol.md, "Fleet".
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -41,11 +40,14 @@ from .protocol import (
     ErrorCode,
     FleetTopics,
     InboundTopic,
+    NodeState,
+    PoolProbe,
     RequestError,
+    Stats,
+    Status,
     TopicKind,
     Topics,
     WatchKind,
-    encode,
     final_seq,
     parse_cancel,
     parse_request,
@@ -62,22 +64,6 @@ EXIT_MODEL = 3  # systemd: RestartPreventExitStatus=3, a bad model file will not
 # Seconds the pool probe may take to come back through the shared subscription (milliseconds on
 # a working broker) before the node gives up the pool.
 PROBE_TIMEOUT = 5.0
-
-
-def _probe_fields(payload: bytes) -> tuple[str, str] | None:
-    """(node, nonce) of a pool probe, if the payload is one whose node names a topic level."""
-    try:
-        probe = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(probe, dict):
-        return None
-    node, nonce = probe.get("probe"), probe.get("nonce")
-    if not isinstance(node, str) or not isinstance(nonce, str) or not 0 < len(node) <= 128:
-        return None
-    if any(ch in node for ch in "/+#\0"):
-        return None
-    return node, nonce
 
 
 def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
@@ -134,20 +120,26 @@ class Service:
 
     # -- status --------------------------------------------------------------------------------
 
-    def _status(self, state: str, **extra: object) -> bytes:
-        return encode(
-            {
-                "state": state,
-                "node": self.settings.node_id,
-                "model": self.model_name,
-                "version": self.version,
-                "protocol": 1,
-                # Pool members count one another by it (failover leader; `qwen-edge fleet`).
-                # Absent once the pool probe failed: the node is then no member.
-                **({"group": self.fleet.group} if self.fleet and not self._pool_failed else {}),
-                **extra,
-            }
-        )
+    def _status(
+        self,
+        state: NodeState,
+        *,
+        slots: int | None = None,
+        pid: int | None = None,
+        reason: str | None = None,
+    ) -> bytes:
+        return Status(
+            state=state,
+            node=self.settings.node_id,
+            model=self.model_name,
+            version=self.version,
+            # Pool members count one another by it (failover leader; `qwen-edge fleet`).
+            # Absent once the pool probe failed: the node is then no member.
+            group=self.fleet.group if self.fleet and not self._pool_failed else None,
+            slots=slots,
+            pid=pid,
+            reason=reason,
+        ).encode()
 
     def _on_connected(self) -> None:
         # Every (re)connect: `starting` while the model loads; `online` waits for the SUBACKs.
@@ -166,11 +158,11 @@ class Service:
                 return
             if self._scheduler is None:
                 if starting:
-                    self._link.publish_status(self._status("starting", pid=os.getpid()))
+                    self._link.publish_status(self._status(NodeState.STARTING, pid=os.getpid()))
             elif not self._online and self._serving():
                 self._online = True
                 self._link.publish_status(
-                    self._status("online", slots=self.settings.model.slots, pid=os.getpid())
+                    self._status(NodeState.ONLINE, slots=self.settings.model.slots, pid=os.getpid())
                 )
 
     def _on_link_connected(self) -> None:
@@ -289,10 +281,10 @@ class Service:
         """A pool probe, never served: ours back (proof that the shared subscription works),
         or another member's, which the pool handed to us: returned to its sender."""
         assert self.fleet is not None and self._link is not None
-        probe = _probe_fields(payload)
+        probe = PoolProbe.parse(payload)
         if probe is None:
             return
-        node, nonce = probe
+        node, nonce = probe.probe, probe.nonce
         if node == self.settings.node_id:
             if nonce == self._probe_nonce:
                 self._probe_back.set()
@@ -502,7 +494,7 @@ class Service:
             on_subscribed=self._announce,
             on_disconnected=self._on_link_lost,
             status_topic=self.topics.status,
-            will_payload=self._status("offline", reason="connection lost"),
+            will_payload=self._status(NodeState.OFFLINE, reason="connection lost"),
         )
         self._link.start()
 
@@ -526,7 +518,7 @@ class Service:
         except ModelError as exc:
             log.error("model_unusable", error=str(exc))
             systemd_notify.notify(f"STATUS=model unusable: {exc}")
-            self._link.stop(self._status("offline", reason="model unusable"), timeout=1.0)
+            self._link.stop(self._status(NodeState.OFFLINE, reason="model unusable"), timeout=1.0)
             state.close()
             return EXIT_MODEL
         # model.memory_mb may have chosen fewer slots, a shorter context or another KV precision:
@@ -626,7 +618,7 @@ class Service:
         node, or via the member the pool gave it to). A broker that takes `$share/...` for a
         plain filter (NATS 2.9) never delivers it: then this node leaves the pool, serves its
         own topics only and drops `group` from its status, with one error."""
-        probe = encode({"probe": self.settings.node_id, "nonce": self._probe_nonce})
+        probe = PoolProbe(probe=self.settings.node_id, nonce=self._probe_nonce).encode()
         while not self._stop.is_set():
             if not pool_link.subscribed.wait(0.05):
                 continue
@@ -687,7 +679,7 @@ class Service:
             # would come after the link closes and leave claims for the leader to end.
             self._failover.announce()
         self._link.wait_flushed(timeout=5.0)
-        self._link.stop(self._status("offline", reason="stopped"))
+        self._link.stop(self._status(NodeState.OFFLINE, reason="stopped"))
         engine.close()
         log.info("stopped", seconds=round(time.monotonic() - began, 2))
 
@@ -703,19 +695,17 @@ class Service:
             active, queued = scheduler.load
             self._link.publish_retained(
                 self.topics.stats,
-                encode(
-                    {
-                        "node": self.settings.node_id,
-                        "model": self.model_name,
-                        "uptime_s": round(time.monotonic() - self._started, 1),
-                        "slots": self.settings.model.slots,
-                        "active_slots": active,
-                        "queue_depth": queued,
-                        "tokens_per_s": round(rate, 2),
-                        "requests_done": scheduler.requests_done,
-                        "ts": round(time.time(), 3),
-                    }
-                ),
+                Stats(
+                    node=self.settings.node_id,
+                    model=self.model_name,
+                    uptime_s=round(time.monotonic() - self._started, 1),
+                    slots=self.settings.model.slots,
+                    active_slots=active,
+                    queue_depth=queued,
+                    tokens_per_s=round(rate, 2),
+                    requests_done=scheduler.requests_done,
+                    ts=round(time.time(), 3),
+                ).encode(),
             )
             if self._stop.wait(interval):
                 return

@@ -33,8 +33,8 @@ from qwen_edge.client import (
     Reply,
     _Arrived,
     _Exchange,
-    parse_reply,
 )
+from qwen_edge.protocol import parse_reply
 
 from .conftest import BROKER_CONF, NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe, reply_text
 

@@ -19,7 +19,6 @@ from qwen_edge.doctor import (
     BrokerSession,
     Level,
     ModelFacts,
-    NodeStatus,
     _daemon_rss,
     check_broker,
     check_cpu,
@@ -30,6 +29,7 @@ from qwen_edge.doctor import (
     read_env_file,
     unit_memory_max,
 )
+from qwen_edge.protocol import Status
 from qwen_edge.settings import ModelSettings, Settings
 
 from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
@@ -97,10 +97,10 @@ def test_everything_ok_with_a_running_daemon(daemon: Daemon, module_broker: Brok
     assert "every tensor within the file" in checks["model"]["detail"]
     # The running daemon's memory counts as available: a restart would give it back.
     assert daemon.proc is not None
-    status = NodeStatus("online", {"pid": daemon.proc.pid})
+    status = Status(state="online", pid=daemon.proc.pid)
     assert _daemon_rss(status) > SMOLLM.stat().st_size // 4
-    assert _daemon_rss(NodeStatus("offline", {"pid": daemon.proc.pid})) == 0
-    assert _daemon_rss(NodeStatus("online", {"pid": os.getpid()})) == 0  # not a qwen-edge
+    assert _daemon_rss(Status(state="offline", pid=daemon.proc.pid)) == 0
+    assert _daemon_rss(Status(state="online", pid=os.getpid())) == 0  # not a qwen-edge
 
 
 def test_wrong_port_fails_the_broker_check_with_a_fix(module_broker: Broker) -> None:
@@ -453,7 +453,7 @@ def test_env_file_is_read_like_systemd() -> None:
 
 def test_node_without_status_warns_with_what_to_check() -> None:
     settings = Settings(node_id="kitchen")
-    check = check_node(settings, NodeStatus(None, {}))
+    check = check_node(settings, None)
     assert check.level is Level.WARN
     assert "no status from node 'kitchen' under qwen-edge/" in check.detail
     assert "node_id and topic_prefix" in check.fix

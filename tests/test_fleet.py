@@ -36,6 +36,8 @@ from qwen_edge.protocol import (
     FinishReason,
     FleetTopics,
     InboundTopic,
+    Stats,
+    Status,
     TopicKind,
     WatchedTopic,
     WatchKind,
@@ -47,7 +49,7 @@ from qwen_edge.protocol import (
 from qwen_edge.replies import ReplyStream
 from qwen_edge.settings import ConfigError, Settings, load_settings
 
-from .conftest import BROKER_CONF, PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
+from .conftest import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 
 POOL = "pool"
 TRIO = ("node-a", "node-b", "node-c")
@@ -396,10 +398,10 @@ def test_fleet_table_shows_load_of_online_nodes_only() -> None:
     views = {
         "a": NodeView(
             "a",
-            {"state": "online", "model": "m", "slots": 2},
-            {"active_slots": 1, "queue_depth": 3, "tokens_per_s": 41.25, "uptime_s": 3725},
+            Status(state="online", model="m", slots=2),
+            Stats(active_slots=1, queue_depth=3, tokens_per_s=41.25, uptime_s=3725),
         ),
-        "b": NodeView("b", {"state": "offline", "model": "m"}, {"active_slots": 2}),
+        "b": NodeView("b", Status(state="offline", model="m"), Stats(active_slots=2)),
     }
     lines = table(views).splitlines()
     assert lines[0].split() == ["NODE", "STATE", "MODEL", "SLOTS", "QUEUE", "TOK/S", "UPTIME"]
@@ -700,7 +702,7 @@ def test_a_node_receives_nothing_of_another_nodes_reply(tmp_path: Path) -> None:
     """What a node receives does not grow with its pool's tokens: while one node streams a
     long pooled reply, mosquitto sends its chunks to the client and to no node. Counted by the
     broker itself ($SYS): every PUBLISH it sent, against the chunks the client got."""
-    broker = Broker(tmp_path / "broker", BROKER_CONF, "sys_interval 1")
+    broker = Broker(tmp_path / "broker", extra_conf="sys_interval 1")
     broker.start()
     nodes = [
         Daemon(
@@ -825,19 +827,27 @@ class _Device:
         self.client.loop_stop()
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd")
-def test_fleet_acl_example_lets_devices_and_nodes_do_their_jobs(tmp_path: Path) -> None:
-    passwords = tmp_path / "passwd"
-    passwords.touch()
-    for user in ("qwen-edge", "dev1", "dev2"):
-        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, "secret"], check=True)
-    conf = tmp_path / "acl.conf"
-    conf.write_text(
-        BROKER_CONF.read_text().replace("allow_anonymous true", "allow_anonymous false")
-        + f"\npassword_file {passwords}\n"
-        + f"acl_file {ROOT / 'deploy' / 'mosquitto' / 'acl'}\n"
+@pytest.mark.skipif(shutil.which("mosquitto_ctrl") is None, reason="needs mosquitto_ctrl")
+def test_fleet_on_the_production_broker_lets_devices_and_nodes_do_their_jobs(
+    tmp_path: Path,
+) -> None:
+    """The broker scripts/broker-setup makes (dynamic security: every account bound to its topics,
+    devices to their client ids) with a pool of two nodes: pooled, pinned, failover, fleet view."""
+    broker = Broker(tmp_path / "broker")
+    setup = ROOT / "scripts" / "broker-setup"
+    made = subprocess.run(
+        [
+            *(str(setup), "--dir", str(broker.workdir), "--port", str(broker.port)),
+            *("--group", POOL, "--daemon", "qwen-edge:secret"),
+            *("--device", "dev1:secret", "--device", "dev2:secret"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
-    broker = Broker(tmp_path / "broker", conf)
+    assert made.returncode == 0, made.stderr
+    broker.conf = broker.workdir / "mosquitto.conf"
     broker.start()
     account = {"QWEN_EDGE_MQTT__USERNAME": "qwen-edge", "QWEN_EDGE_MQTT__PASSWORD": "secret"}
     nodes = _start_nodes(broker, tmp_path, ("node-a", "node-b"), **account)

@@ -19,7 +19,7 @@ import pytest
 
 from qwen_edge.mqtt import REFUSED_AFTER
 
-from .conftest import NODE, PREFIX, SMOLLM, Daemon, _wait_port, free_port
+from .harness import NODE, PREFIX, SMOLLM, Daemon, free_port, wait_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="no nats-server")
@@ -45,7 +45,7 @@ class Nats:
     def start(self) -> None:
         log = (self.workdir / "nats.log").open("ab")
         self.proc = subprocess.Popen([NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=log)
-        _wait_port(self.port, timeout=20)
+        wait_port(self.port, timeout=20)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -14,15 +14,28 @@ from pydantic import ValidationError
 
 from qwen_edge.protocol import (
     ID_PATTERN,
+    PROTOCOL_VERSION,
     CancelRequest,
     ChatRequest,
+    ChunkEncoder,
+    ChunkMessage,
+    DoneMessage,
     ErrorCode,
+    ErrorMessage,
+    FinishReason,
     InboundTopic,
+    NodeState,
+    PoolProbe,
     RequestError,
+    StartMessage,
+    Stats,
+    Status,
     TopicKind,
     Topics,
     encode,
+    node_lost,
     parse_cancel,
+    parse_reply,
     parse_request,
 )
 
@@ -1062,3 +1075,234 @@ def test_deeply_nested_request_gives_the_same_error_at_any_stack_depth(nesting: 
         assert _at_stack_depth(depth, raw) == shallow
     readable = ("r1", "default") if "recursion limit" not in shallow.message else (None, None)
     assert (shallow.request_id, shallow.conversation_id) == readable
+
+
+# -- reply, status and stats payloads: built here, parsed here, the same bytes as before --------
+# The expected bytes were captured from the builders before they moved into protocol.py
+# (replies.py, service.py, failover.py), so these pin the wire format byte for byte.
+
+TRICKY = 'Hé "x"\n😀 \\ \u2028'
+
+WIRE: list[tuple[Any, bytes]] = [
+    (
+        StartMessage(request_id="r-1", seq=0, node="pi", model="qwen2.5-0.5b"),
+        b'{"type":"start","request_id":"r-1","seq":0,"node":"pi","model":"qwen2.5-0.5b"}',
+    ),
+    (
+        ChunkMessage(request_id="r-1", seq=1, text=TRICKY),
+        b'{"type":"chunk","request_id":"r-1","seq":1,'
+        b'"text":"H\xc3\xa9 \\"x\\"\\n\xf0\x9f\x98\x80 \\\\ \xe2\x80\xa8"}',
+    ),
+    (
+        ChunkMessage(request_id="r-1", seq=2, text=""),
+        b'{"type":"chunk","request_id":"r-1","seq":2,"text":""}',
+    ),
+    (
+        DoneMessage.of(
+            "r-1",
+            3,
+            FinishReason.STOP,
+            prompt_tokens=12,
+            completion_tokens=3,
+            cached_tokens=4,
+            ttft_ms=45.678,
+            tokens_per_s=12.3456,
+        ),
+        b'{"type":"done","request_id":"r-1","seq":3,"finish_reason":"stop","usage":'
+        b'{"prompt_tokens":12,"completion_tokens":3,"cached_tokens":4},'
+        b'"timings":{"ttft_ms":45.7,"tokens_per_s":12.35}}',
+    ),
+    (
+        DoneMessage.of(
+            "r-3",
+            0,
+            FinishReason.LENGTH,
+            prompt_tokens=1,
+            completion_tokens=0,
+            cached_tokens=0,
+            ttft_ms=None,
+            tokens_per_s=None,
+        ),
+        b'{"type":"done","request_id":"r-3","seq":0,"finish_reason":"length","usage":'
+        b'{"prompt_tokens":1,"completion_tokens":0,"cached_tokens":0},'
+        b'"timings":{"ttft_ms":null,"tokens_per_s":null}}',
+    ),
+    (
+        ErrorMessage(
+            request_id=None,
+            seq=0,
+            code=ErrorCode.TOO_LARGE,
+            message="payload is 9 bytes; the limit is 1",
+        ),
+        b'{"type":"error","request_id":null,"seq":0,"code":"too_large",'
+        b'"message":"payload is 9 bytes; the limit is 1"}',
+    ),
+    (
+        ErrorMessage(
+            request_id="r-2",
+            seq=0,
+            code=ErrorCode.RATE_LIMITED,
+            message="slow down",
+            retry_after=1.5,
+        ),
+        b'{"type":"error","request_id":"r-2","seq":0,"code":"rate_limited",'
+        b'"message":"slow down","retry_after":1.5}',
+    ),
+    (  # an int stays an int: 2, not 2.0
+        ErrorMessage(request_id="r-5", seq=0, code="rate_limited", message="x", retry_after=2),
+        b'{"type":"error","request_id":"r-5","seq":0,"code":"rate_limited","message":"x",'
+        b'"retry_after":2}',
+    ),
+    (
+        node_lost("r-4", 5, "b", "connection lost"),
+        b'{"type":"error","request_id":"r-4","seq":5,"code":"node_lost","message":"node b went '
+        b'offline (connection lost) before finishing this reply; send the request again"}',
+    ),
+]
+
+STATUSES: list[tuple[Status, bytes]] = [
+    (
+        Status(state=NodeState.STARTING, node="pi", model="m", version="0.1.0", pid=42),
+        b'{"state":"starting","node":"pi","model":"m","version":"0.1.0","protocol":1,"pid":42}',
+    ),
+    (
+        Status(
+            state=NodeState.ONLINE,
+            node="pi",
+            model="m",
+            version="0.1.0",
+            group="pool",
+            slots=2,
+            pid=42,
+        ),
+        b'{"state":"online","node":"pi","model":"m","version":"0.1.0","protocol":1,'
+        b'"group":"pool","slots":2,"pid":42}',
+    ),
+    (
+        Status(
+            state=NodeState.OFFLINE, node="pi", model="m", version="0.1.0", reason="connection lost"
+        ),
+        b'{"state":"offline","node":"pi","model":"m","version":"0.1.0","protocol":1,'
+        b'"reason":"connection lost"}',
+    ),
+]
+
+STATS = (
+    Stats(
+        node="pi",
+        model="m",
+        uptime_s=12.5,
+        slots=2,
+        active_slots=1,
+        queue_depth=0,
+        tokens_per_s=10.25,
+        requests_done=3,
+        ts=1764360000.123,
+    ),
+    b'{"node":"pi","model":"m","uptime_s":12.5,"slots":2,"active_slots":1,"queue_depth":0,'
+    b'"tokens_per_s":10.25,"requests_done":3,"ts":1764360000.123}',
+)
+
+
+@pytest.mark.parametrize(("message", "wire"), WIRE)
+def test_reply_messages_are_built_byte_for_byte_and_parse_back_equal(
+    message: Any, wire: bytes
+) -> None:
+    assert message.encode() == wire
+    assert parse_reply(wire) == message
+
+
+@pytest.mark.parametrize(("status", "wire"), STATUSES)
+def test_status_is_built_byte_for_byte_and_parses_back_equal(status: Status, wire: bytes) -> None:
+    assert status.encode() == wire
+    assert Status.parse(wire) == status
+    assert status.protocol == PROTOCOL_VERSION
+
+
+def test_stats_are_built_byte_for_byte_and_parse_back_equal() -> None:
+    stats, wire = STATS
+    assert stats.encode() == wire
+    assert Stats.parse(wire) == stats
+
+
+@given(
+    request_id=st.one_of(st.none(), st.from_regex(ID_PATTERN, fullmatch=True)),
+    seq=st.integers(0, 2**40),
+    text=st.text(),
+)
+@FUZZ
+def test_the_per_token_chunk_encoder_builds_what_the_chunk_message_does(
+    request_id: str | None, seq: int, text: str
+) -> None:
+    fast = ChunkEncoder(request_id)(seq, text)
+    assert fast == ChunkMessage(request_id=request_id, seq=seq, text=text).encode()
+    assert fast == encode({"type": "chunk", "request_id": request_id, "seq": seq, "text": text})
+    assert parse_reply(fast) == ChunkMessage(request_id=request_id, seq=seq, text=text)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"null",
+        b"[]",
+        b'{"type":"chunk","request_id":"r","seq":-1,"text":"x"}',
+        b'{"type":"chunk","request_id":"r","seq":0}',
+        b'{"type":"start","request_id":"r","seq":0}',
+        b'{"type":"poll","request_id":"r","seq":0}',
+        b'{"state":"online"}',
+        b"\xff",
+    ],
+)
+def test_what_is_no_reply_message_parses_to_none(raw: bytes) -> None:
+    assert parse_reply(raw) is None
+
+
+def test_a_newer_nodes_reply_and_status_still_parse() -> None:
+    error = parse_reply(b'{"type":"error","request_id":"r","seq":2,"code":"new_code","x":1}')
+    assert error == ErrorMessage(request_id="r", seq=2, code="new_code")
+    status = Status.parse(b'{"state":"draining","node":"n","protocol":2,"extra":[1]}')
+    assert status is not None
+    assert (status.state, status.protocol, status.online) == ("draining", 2, False)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{}", b"[1]", b'{"state":5}', b"not json"])
+def test_an_unreadable_or_cleared_status_parses_to_none(raw: bytes) -> None:
+    assert Status.parse(raw) is None
+
+
+def test_partial_statuses_and_stats_parse_with_what_they_have() -> None:
+    status = Status.parse(b'{"state":"offline","reason":"stopped"}')
+    assert status is not None
+    assert (status.state, status.reason, status.node, status.slots) == (
+        "offline",
+        "stopped",
+        None,
+        None,
+    )
+    assert Stats.parse(b'{"active_slots":1}') == Stats(active_slots=1)
+    assert Stats.parse(b"[]") is None
+
+
+def test_pool_probe_round_trips_and_refuses_a_node_that_is_no_topic_level() -> None:
+    probe = PoolProbe(probe="node-a", nonce="00ff")
+    wire = b'{"probe":"node-a","nonce":"00ff"}'
+    assert probe.encode() == wire
+    assert PoolProbe.parse(wire) == probe
+    for bad in (
+        b'{"probe":"a/b","nonce":"n"}',
+        b'{"probe":"a+","nonce":"n"}',
+        b'{"probe":"","nonce":"n"}',
+        b'{"probe":"' + b"x" * 129 + b'","nonce":"n"}',
+        b'{"probe":"a","nonce":1}',
+        b'{"probe":"a"}',
+        b"[]",
+        b"",
+    ):
+        assert PoolProbe.parse(bad) is None, bad
+
+
+def test_cancel_round_trips() -> None:
+    cancel = CancelRequest(request_id="r-1")
+    assert cancel.encode() == b'{"request_id":"r-1"}'
+    assert parse_cancel(cancel.encode(), LIMIT) == cancel

@@ -446,11 +446,6 @@ def test_wrong_password_is_refused_and_logged_once_without_the_password(
     assert "not-the-password" not in d.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qwen-edge chat and fleet connect with a random MQTT client id, which the broker "
-    "refuses for a device account (bound to its own name): they must use mqtt.username",
-)
 def test_chat_and_fleet_commands_work_over_tls_with_a_device_account(
     secure_daemon: Daemon, secure_broker: SecureBroker, certs: Path, tmp_path: Path
 ) -> None:
