@@ -864,7 +864,7 @@ def test_fleet_on_the_production_broker_lets_devices_and_nodes_do_their_jobs(
         with pytest.raises(queue.Empty):
             dev1.messages.get(timeout=2)
 
-        # Failover under the ACL: a node reads the pool's replies and writes node_lost.
+        # Failover under the ACL: a node writes its claims, reads the others', writes node_lost.
         long = [dev1.ask(POOL, max_tokens=40, message="Write a long story.") for _ in range(6)]
         victim = "node-b"
         deadline = time.monotonic() + 60
