@@ -1,9 +1,9 @@
 """Ends the pooled replies of a node that vanished, so no pooled request is silently lost.
 
 Each node announces the pooled replies it holds: a retained claims message on
-`{prefix}/{group}/claims/{node}`, sent again (at most every CLAIM_INTERVAL) whenever the list
-changes. Nobody watches anybody's tokens: what a node receives grows with the pool's requests,
-not with its tokens. When a node's status turns offline (its Last Will after a crash, or a stop
+`{prefix}/{group}/claims/{node}`, sent again whenever it takes a reply, and at most every
+CLAIM_INTERVAL when replies end. Nobody watches anybody's tokens: what a node receives grows
+with the pool's requests, not with its tokens. When a node's status turns offline (its Last Will after a crash, or a stop
 that left replies open), the lowest-named node still online ends each reply that node claimed
 with an `error` `node_lost` numbered `final_seq`, past any seq the reply can reach, so it sorts
 after whatever the client saw. A node whose claims come from a new process (another `boot`) lost
@@ -105,7 +105,10 @@ class Failover:
         token = next(self._tokens)
         with self._lock:
             self._mine[token] = Claim(topic, request_id, correlation)
-        self._changed()
+        # At once, not coalesced: sent on the connection `start` then goes out on, the claim
+        # reaches the broker first, so a reply a client saw begin is always claimed. A late
+        # release only costs a node_lost after `done`, which clients ignore.
+        self.announce()
 
         def release() -> None:
             with self._lock:
@@ -129,7 +132,7 @@ class Failover:
             return len(self._mine)
 
     def _changed(self) -> None:
-        """Coalesce: at most one claims message per interval, the last one always sent."""
+        """A release: at most one claims message per interval, the last one always sent."""
         with self._lock:
             if self._flush_due:
                 return

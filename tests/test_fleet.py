@@ -266,18 +266,19 @@ def test_the_leader_ends_the_claimed_replies_of_a_lost_node() -> None:
     assert pool.ended() == [("r1", final_seq(100)), ("r3", final_seq(100))]  # once each
 
 
-def test_claims_follow_requests_not_tokens_and_are_coalesced() -> None:
+def test_claims_are_sent_at_once_and_their_releases_coalesced() -> None:
     now = [0.0]
     pool = _Pool("a", clock=lambda: now[0])
     a = pool.fo
-    first = a.claim("t/1", "r1", None)  # idle: sent at once
-    assert pool.claims_sent == 1
+    first = a.claim("t/1", "r1", None)
+    assert pool.claims_sent == 1  # before the scheduler can send `start`
     releases = [a.claim(f"t/{i}", f"r{i}", None) for i in range(2, 6)]
+    assert pool.claims_sent == 5
     first()
-    assert pool.claims_sent == 1  # within the interval: one message later, not five
+    assert pool.claims_sent == 5  # a release within the interval: later
     now[0] = 0.2
     pool.grace_ends()
-    assert pool.claims_sent == 2
+    assert pool.claims_sent == 6
     held = parse_claims(pool.retained[FleetTopics.of(PREFIX, "a", POOL).claims("a")])
     assert held is not None
     assert [c.request_id for c in held.replies] == ["r2", "r3", "r4", "r5"]
@@ -286,7 +287,7 @@ def test_claims_follow_requests_not_tokens_and_are_coalesced() -> None:
         release()  # a second call does nothing
     now[0] = 0.4
     pool.grace_ends()
-    assert pool.claims_sent == 3
+    assert pool.claims_sent == 7  # four releases, one message
     held = parse_claims(pool.retained[FleetTopics.of(PREFIX, "a", POOL).claims("a")])
     assert held is not None and held.replies == () and a.held == 0
 
