@@ -3,12 +3,12 @@
 Each node announces the pooled replies it holds: a retained claims message on
 `{prefix}/{group}/claims/{node}`, sent again whenever it takes a reply, and at most every
 CLAIM_INTERVAL when replies end. Nobody watches anybody's tokens: what a node receives grows
-with the pool's requests, not with its tokens. When a node's status turns offline (its Last Will after a crash, or a stop
-that left replies open), the lowest-named node still online ends each reply that node claimed
-with an `error` `node_lost` numbered `final_seq`, past any seq the reply can reach, so it sorts
-after whatever the client saw. A node whose claims come from a new process (another `boot`) lost
-the replies of the old one: they are ended too, by the leader, or by the node itself when it
-finds its own old claims on start.
+with the pool's requests, not with its tokens. When a node's status turns offline (its Last
+Will after a crash, or a stop that left replies open), the lowest-named node still online ends
+each reply that node claimed with an `error` `node_lost` numbered `final_seq`, past any seq the
+reply can reach, so it sorts after whatever the client saw. A node whose claims come from a new
+process (another `boot`) lost the replies of the old one: they are ended too, by the leader, or
+by the node itself when it finds its own old claims on start.
 
 Only a status change seen live counts, and only if this node's own pool link stays up for
 LOSS_GRACE seconds after it: mosquitto publishes every client's Last Will when it shuts down,
