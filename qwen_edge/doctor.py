@@ -32,6 +32,8 @@ from .budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
 from .protocol import NodeState, Status, Topics
 from .settings import (
     DEFAULT_CONFIG_FILE,
+    DEFAULT_MODELS_DIR,
+    DEFAULT_STATE_DIR,
     ConfigError,
     ModelSettings,
     MqttSettings,
@@ -45,7 +47,6 @@ MIB = 1024 * 1024
 # MQTT 5 CONNACK reason codes (paho maps MQTT 3.1.1's return codes 4 and 5 onto them).
 BAD_CREDENTIALS = 134
 NOT_AUTHORISED = 135
-STATE_DIRECTORY = Path("/var/lib/qwen-edge")
 # The unit's EnvironmentFile= (root-only, for the broker password) and the unit itself.
 SECRETS_FILE = Path("/etc/qwen-edge/secrets.env")
 UNIT_FILE = Path("/etc/systemd/system/qwen-edge.service")
@@ -318,20 +319,6 @@ def check_node(settings: Settings, status: Status | None) -> Check:
 
 # -- model -----------------------------------------------------------------------------------------
 
-_load_errors: list[str] = []
-
-
-def _capture_llama_errors() -> Any:
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
-    def capture(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-        if level == 4:  # GGML_LOG_LEVEL_ERROR
-            _load_errors.append(text.decode(errors="replace").strip())
-
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-    return capture  # the caller keeps it alive while llama.cpp may call it
-
 
 def _meta(model: Any, key: str) -> str | None:
     import llama_cpp
@@ -346,22 +333,17 @@ def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
     metadata and vocabulary without loading weights."""
     import llama_cpp
 
-    from .engine import quiet_llama_logs
+    from .engine import llama_errors
     from .modelfile import ModelError, verify_model_file
 
     verify_model_file(path, sha256=sha256)
-    _load_errors.clear()
-    keep = _capture_llama_errors()
-    try:
+    with llama_errors() as load_errors:
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    finally:
-        quiet_llama_logs()
-        del keep
     if not model:
-        why = next((e for e in _load_errors if "error loading model:" in e), None)
+        why = next((e for e in load_errors if "error loading model:" in e), None)
         why = why.split("error loading model:", 1)[1].strip() if why else "see its log"
         raise ModelError(f"model file {path}: llama.cpp cannot load it: {why}")
     try:
@@ -389,7 +371,7 @@ def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
 
     fix = (
         "put the GGUF model there or set [model] path (QWEN_EDGE_MODEL__PATH); "
-        "scripts/install --model FILE copies one into /var/lib/qwen-edge/models/"
+        f"scripts/install --model FILE copies one into {DEFAULT_MODELS_DIR}/"
     )
     path = model.path
     try:
@@ -402,7 +384,7 @@ def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
         elif "bad header" in str(exc) or "GGUF version" in str(exc):
             fix = "that is not a GGUF model llama.cpp reads: point [model] path at the .gguf file"
         elif "Permission denied" in str(exc) and os.geteuid() != 0:
-            fix = "run doctor as root: once the service ran, /var/lib/qwen-edge is private to it"
+            fix = f"run doctor as root: once the service ran, {DEFAULT_STATE_DIR} is private to it"
         return Check("model", Level.FAIL, str(exc), fix), None
     detail = f"{path}: GGUF, {facts.size / MIB:.0f} MiB, every tensor within the file"
     # The service runs as a dynamic user with ProtectHome=yes: it reads the state directory
@@ -413,14 +395,14 @@ def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
             "model",
             Level.WARN,
             detail + "; but the service cannot see /home or /root (ProtectHome=yes)",
-            "move it to /var/lib/qwen-edge/models/",
+            f"move it to {DEFAULT_MODELS_DIR}/",
         ), facts
-    if not resolved.is_relative_to(STATE_DIRECTORY) and not path.stat().st_mode & stat.S_IROTH:
+    if not resolved.is_relative_to(DEFAULT_STATE_DIR) and not path.stat().st_mode & stat.S_IROTH:
         return Check(
             "model",
             Level.WARN,
             detail + "; but only its owner may read it, and the service runs as a dynamic user",
-            f"chmod a+r {path}, or move it to /var/lib/qwen-edge/models/",
+            f"chmod a+r {path}, or move it to {DEFAULT_MODELS_DIR}/",
         ), facts
     return Check("model", Level.OK, detail), facts
 
@@ -459,13 +441,41 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
+# The bits of the kernel's AT_HWCAP / AT_HWCAP2 (arch/arm64/include/uapi/asm/hwcap.h) for the
+# flags ARM_FEATURES asks about; /proc/cpuinfo's Features line prints the same names.
+ARM_HWCAP = {1: "asimd", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+ARM_HWCAP2 = {13: "i8mm"}
+AT_HWCAP, AT_HWCAP2 = 16, 26
+
+
+def arm_hwcap_flags(hwcap: int, hwcap2: int) -> set[str]:
+    """The ARM_FEATURES flags among an aarch64 process's hardware capability bits."""
+    return {name for bit, name in ARM_HWCAP.items() if hwcap >> bit & 1} | {
+        name for bit, name in ARM_HWCAP2.items() if hwcap2 >> bit & 1
+    }
+
+
+def _hwcaps() -> tuple[int, int]:
+    """This process's AT_HWCAP and AT_HWCAP2 (0, 0 where libc has no getauxval)."""
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return 0, 0
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return int(getauxval(AT_HWCAP)), int(getauxval(AT_HWCAP2))
+
+
 def built_features(system_info: str) -> set[str]:
     """Features llama.cpp was compiled with, from llama_print_system_info()."""
     return {name for name, on in re.findall(r"(\w+) = (\d+)", system_info) if on == "1"}
 
 
-def check_cpu(machine: str, cpuinfo: str, system_info: str, rebuild: str) -> Check:
-    flags = cpu_flags(cpuinfo)
+def check_cpu(
+    machine: str, cpuinfo: str, system_info: str, rebuild: str, hwcaps: set[str] | None = None
+) -> Check:
+    """hwcaps: on aarch64, the CPU's flags as the kernel hands them to this process. They win over
+    /proc/cpuinfo, which under qemu-user (scripts/arm64-check) describes the host's x86 CPU."""
+    flags = hwcaps or cpu_flags(cpuinfo)
     built = built_features(system_info)
     table: tuple[tuple[str, str, bool], ...]
     if machine in ("x86_64", "amd64", "i686"):
@@ -523,7 +533,9 @@ def _llama_cpu_check() -> Check:
     except OSError:
         cpuinfo = ""
     rebuild = FIX_REBUILD.format(python=sys.executable, version=version)
-    return check_cpu(platform.machine(), cpuinfo, info, rebuild)
+    machine = platform.machine()
+    hwcaps = arm_hwcap_flags(*_hwcaps()) if machine in ("aarch64", "arm64") else None
+    return check_cpu(machine, cpuinfo, info, rebuild, hwcaps)
 
 
 # -- memory ----------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import codecs
 import ctypes
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import llama_cpp
 import numpy as np
@@ -36,11 +37,10 @@ CHATML_TEMPLATE: Final = (
 
 
 class DecodeError(Exception):
-    """llama_decode failed; `no_space` means the KV cache had no room for the batch."""
+    """llama_decode failed."""
 
     def __init__(self, code: int) -> None:
         super().__init__(f"llama_decode returned {code}")
-        self.no_space = code == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +59,24 @@ class GrammarError(ValueError):
     """llama.cpp could not read a grammar."""
 
 
+class TokenSampler(Protocol):
+    """Picks one request's tokens; bound to its engine, so callers never see a llama context."""
+
+    def sample(self, index: int) -> int:
+        """Sample (and accept) the next token from the logits of the last decode's row `index`."""
+
+    def close(self) -> None:
+        """Free what the sampler holds; called once, when its request ends."""
+
+
 class Sampler:
-    """A llama.cpp sampler chain for one request. Call close() when the request ends."""
+    """A llama.cpp sampler chain for one request, on the logits of context `ctx`. Call close()
+    when the request ends."""
 
-    __slots__ = ("_chain",)
+    __slots__ = ("_chain", "_ctx")
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int, ctx: Any) -> None:
+        self._ctx = ctx
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
         if params.temperature == 0:
@@ -87,9 +99,9 @@ class Sampler:
             add(chain, llama_cpp.llama_sampler_init_dist(params.seed))
         self._chain = chain
 
-    def sample(self, ctx: Any, index: int) -> int:
+    def sample(self, index: int) -> int:
         """Sample (and accept) the next token from the logits of batch row `index`."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        return int(llama_cpp.llama_sampler_sample(self._chain, self._ctx, index))
 
     def close(self) -> None:
         if self._chain is not None:
@@ -113,9 +125,9 @@ class GrammarSampler(Sampler):
 
     __slots__ = ("_candidates", "_grammar", "_ids", "_one", "_single")
 
-    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int, ctx: Any, vocab: Any) -> None:
         assert params.grammar is not None
-        super().__init__(params, n_vocab)
+        super().__init__(params, n_vocab, ctx)
         grammar = llama_cpp.llama_sampler_init_grammar(
             vocab, params.grammar.encode("utf-8"), b"root"
         )
@@ -128,9 +140,9 @@ class GrammarSampler(Sampler):
         self._single = np.zeros(1, dtype=_TOKEN_DATA)
         self._one = _token_array(self._single)
 
-    def sample(self, ctx: Any, index: int) -> int:
+    def sample(self, index: int) -> int:
         logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(ctx, index), shape=(len(self._ids),)
+            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(len(self._ids),)
         )
         token = self._pick(logits, constrained=False)
         single = self._single
@@ -174,14 +186,6 @@ def _token_array(data: np.ndarray[Any, Any]) -> Any:
         selected=-1,
         sorted=False,
     )
-
-
-def new_sampler(params: SamplingParams, n_vocab: int, vocab: Any) -> Sampler:
-    """The sampler for one request: with a grammar only when it has one, so that the others
-    do no grammar work at all."""
-    if params.grammar is None:
-        return Sampler(params, n_vocab)
-    return GrammarSampler(params, n_vocab, vocab)
 
 
 class TextAssembler:
@@ -260,19 +264,83 @@ class Row:
     logits: bool
 
 
+class EngineLike(Protocol):
+    """What the scheduler needs of an engine: Engine, or a fake in tests and benchmarks.
+
+    Called from one thread only. Sequences are numbered 0..slots-1, each with room for
+    n_ctx_seq tokens.
+    """
+
+    @property
+    def slots(self) -> int: ...
+    @property
+    def n_ctx_seq(self) -> int: ...
+    @property
+    def n_batch(self) -> int: ...
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The tokens of `messages` in the chat template, ready for the assistant's turn."""
+
+    def decode(self, rows: Sequence[Row]) -> list[int]:
+        """Evaluate the rows in one step (at most n_batch tokens); each row's logits index, -1
+        for none. Raises DecodeError."""
+
+    def forget(self, seq: int, keep: int = 0) -> None:
+        """Drop the KV cells of `seq` from position `keep` on."""
+
+    def seq_state_size(self, seq: int) -> int: ...
+    def save_seq(self, seq: int) -> ctypes.Array[ctypes.c_uint8]: ...
+    def restore_seq(self, seq: int, state: ctypes.Array[ctypes.c_uint8]) -> bool:
+        """Load a saved sequence into `seq`; False (and `seq` empty) if it was refused."""
+
+    def new_sampler(self, params: SamplingParams) -> TokenSampler:
+        """A sampler for one request, bound to this engine's logits. Raises GrammarError."""
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for."""
+
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends the reply."""
+
+
 _LOG_LEVEL_ERROR: Final = 4  # GGML_LOG_LEVEL_ERROR
+
+
+def _to_stderr(text: bytes) -> None:
+    os.write(2, text)
+
+
+_error_sink: Callable[[bytes], None] = _to_stderr
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp is chatty on stderr; keep only its errors.
     if level == _LOG_LEVEL_ERROR:
-        os.write(2, text)
+        _error_sink(text)
 
 
 def quiet_llama_logs() -> None:
     """Route llama.cpp's log through a filter that keeps only its errors."""
     llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+
+
+@contextmanager
+def llama_errors() -> Iterator[list[str]]:
+    """llama.cpp's errors logged within the block, one line each, collected instead of written
+    to stderr (doctor shows why a model would not load)."""
+    global _error_sink
+    errors: list[str] = []
+
+    def collect(text: bytes) -> None:
+        errors.append(text.decode(errors="replace").strip())
+
+    _error_sink = collect
+    quiet_llama_logs()
+    try:
+        yield errors
+    finally:
+        _error_sink = _to_stderr
 
 
 def _kv_shape(model: Any) -> tuple[int, int]:
@@ -371,7 +439,6 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
         self.threads = threads
-        self.model_bytes = int(llama_cpp.llama_model_size(model))
 
         self._formatter = Jinja2ChatFormatter(
             template=self._chat_template(),
@@ -487,6 +554,13 @@ class Engine:
         """
         rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
         return self.tokenize(rendered.prompt, special=True)
+
+    def new_sampler(self, params: SamplingParams) -> Sampler:
+        """The sampler for one request: with a grammar only when it has one, so that the others
+        do no grammar work at all."""
+        if params.grammar is None:
+            return Sampler(params, self.n_vocab, self.ctx)
+        return GrammarSampler(params, self.n_vocab, self.ctx, self.vocab)
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for (special tokens render as nothing)."""

@@ -1,4 +1,4 @@
-"""A stand-in Engine without a model: a token every N ms, for measuring everything but inference.
+"""A stand-in engine without a model: a token every N ms, for measuring everything but inference.
 
 `model.path = "fake://40ms"` selects it (scripts/bench --fleet runs 16 nodes on 2 cores this way):
 each decode step waits until N ms after the previous one and every generating slot gets one more
@@ -13,11 +13,10 @@ import ctypes
 import re
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
-from . import scheduler
 from .budget import MemoryPlan
-from .engine import Engine, Row, Sampler, SamplingParams
+from .engine import Row, SamplingParams
 from .settings import ModelSettings
 
 # pathlib folds "fake://40ms" into "fake:/40ms"; accept either.
@@ -33,15 +32,15 @@ def open_fake(settings: ModelSettings) -> FakeEngine | None:
     return None if match is None else FakeEngine(settings, float(match.group(1)) / 1000)
 
 
-class FakeSampler(Sampler):
+class FakeSampler:
     """Picks the next word of _WORDS; needs no logits."""
 
     __slots__ = ("_next",)
 
-    def __init__(self, params: SamplingParams, n_vocab: int, *_: Any) -> None:
-        self._next = params.seed % len(_WORDS)
+    def __init__(self, seed: int) -> None:
+        self._next = seed % len(_WORDS)
 
-    def sample(self, ctx: Any, index: int) -> int:
+    def sample(self, index: int) -> int:
         token = self._next
         self._next = (token + 1) % len(_WORDS)
         return token
@@ -50,23 +49,14 @@ class FakeSampler(Sampler):
         pass
 
 
-class FakeEngine(Engine):
-    """The attributes and methods of Engine the scheduler uses; none of Engine's state.
+class FakeEngine:
+    """An EngineLike with none of Engine's state: no model, no context, no logits."""
 
-    A subclass only so that it type-checks where an Engine goes, until the engine sits behind an
-    interface (issue 12). Until then the scheduler also builds its samplers itself, from
-    `scheduler.Sampler`; a fake engine has no logits to sample, so it puts FakeSampler there. Only
-    a node started with a fake model path ever constructs one.
-    """
-
-    def __init__(self, settings: ModelSettings, interval: float) -> None:  # no super(): no model
-        # The scheduler builds samplers with engine.new_sampler (since the grammar merge).
-        scheduler.new_sampler = lambda params, n_vocab, vocab: FakeSampler(params, n_vocab)  # type: ignore[attr-defined]
+    def __init__(self, settings: ModelSettings, interval: float) -> None:
         self.interval = interval
         self.slots = settings.slots
         self.n_batch = settings.n_batch
         self.n_ctx_seq = settings.n_ctx
-        self.n_vocab = len(_WORDS)
         self.threads = 1
         # The settings as they are: no memory budget to fit, as there is no model.
         self.plan = MemoryPlan(
@@ -78,8 +68,6 @@ class FakeEngine(Engine):
             kv_bytes=0,
             budget_mb=None,
         )
-        self.vocab = None
-        self.ctx = None
         self._next_step = 0.0
 
     def decode(self, rows: Sequence[Row]) -> list[int]:
@@ -106,6 +94,9 @@ class FakeEngine(Engine):
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+
+    def new_sampler(self, params: SamplingParams) -> FakeSampler:
+        return FakeSampler(params.seed)  # a format's grammar is not followed
 
     def piece(self, token: int) -> bytes:
         return _WORDS[token % len(_WORDS)]

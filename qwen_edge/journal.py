@@ -16,7 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .protocol import ErrorCode
-from .statestore import Outcome, StateStore
+from .statestore import InboxEntry, Outcome, StateStore
+
+# What admit() decided: a finished request's Outcome (a duplicate: replay it), else submit()'s
+# verdict: None (accepted), DUPLICATE (the original is in flight) or why it was refused.
+Verdict = Outcome | ErrorCode | None
 
 # Refusals that ask the client to send the same request again: not an outcome to repeat.
 RETRYABLE = frozenset(
@@ -31,18 +35,28 @@ RETRYABLE = frozenset(
 
 class RequestJournal:
     def __init__(self, store: StateStore) -> None:
-        self.store = store
+        self._store = store
         # Admission (look up an outcome, else submit) and recording an outcome exclude each
         # other, so a duplicate arriving as the original finishes finds one or the other: the
         # job is in flight until after its outcome is committed.
         self._lock = threading.Lock()
 
+    def accept(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> int | None:
+        """Keep a request in the inbox; its id, or None when the store failed (logged there)."""
+        return self._store.accept(topic, payload, response_topic, correlation)
+
+    def recover(self) -> tuple[list[InboxEntry], list[InboxEntry]]:
+        """After a (re)start: the kept requests to serve, and those interrupted mid-reply."""
+        return self._store.recover()
+
     def admit(
         self, client_id: str, request_id: str, submit: Callable[[], ErrorCode | None]
-    ) -> Outcome | ErrorCode | None:
+    ) -> Verdict:
         """The recorded outcome of a finished request with this id, else `submit()`'s verdict."""
         with self._lock:
-            outcome = self.store.outcome(client_id, request_id)
+            outcome = self._store.outcome(client_id, request_id)
             return outcome if outcome is not None else submit()
 
     def entry(
@@ -56,12 +70,20 @@ class RequestJournal:
         return RequestEntry(self, client_id, request_id, topic, correlation, inbox_id)
 
     def discard(self, inbox_id: int | None) -> None:
+        """Forget a kept request that never became a job (refused, or a duplicate)."""
         if inbox_id is not None:
-            self.store.discard(inbox_id)
+            self._store.discard(inbox_id)
 
-    def _finish(self, inbox_id: int | None, outcome: Outcome | None) -> None:
+    def started(self, inbox_id: int | None) -> None:
+        """Its first reply message goes out next: after a crash it is not run again."""
+        if inbox_id is not None:
+            self._store.started(inbox_id)
+
+    def finish(self, inbox_id: int | None, outcome: Outcome | None) -> None:
+        """Out of the inbox and, unless None, its outcome kept: in one transaction, under the
+        lock that admit() holds, so a duplicate finds the job in flight or its outcome."""
         with self._lock:
-            self.store.finish(inbox_id, outcome)
+            self._store.finish(inbox_id, outcome)
 
 
 @dataclass(slots=True)
@@ -76,8 +98,7 @@ class RequestEntry:
     inbox_id: int | None  # None: not in the inbox (pooled, or the store failed)
 
     def opening(self) -> None:
-        if self.inbox_id is not None:
-            self.journal.store.started(self.inbox_id)
+        self.journal.started(self.inbox_id)
 
     def closing(self, messages: list[bytes], code: ErrorCode | None) -> None:
         outcome = None
@@ -85,4 +106,4 @@ class RequestEntry:
             outcome = Outcome(
                 self.client_id, self.request_id, self.topic, self.correlation, tuple(messages)
             )
-        self.journal._finish(self.inbox_id, outcome)  # noqa: SLF001  # its own journal's lock
+        self.journal.finish(self.inbox_id, outcome)

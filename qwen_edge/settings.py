@@ -30,6 +30,10 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_FILE = Path("/etc/qwen-edge/config.toml")
+# The systemd unit's StateDirectory=: history.db, models/, the Home Assistant record. Used when
+# neither [service] state_dir nor systemd's $STATE_DIRECTORY says otherwise.
+DEFAULT_STATE_DIR = Path("/var/lib/qwen-edge")
+DEFAULT_MODELS_DIR = DEFAULT_STATE_DIR / "models"
 # systemd credentials (LoadCredential=) the daemon looks for in $CREDENTIALS_DIRECTORY.
 CREDENTIAL_PASSWORD = "mqtt-password"
 CREDENTIAL_CLIENT_KEY = "mqtt-client-key"
@@ -106,7 +110,7 @@ class ModelSettings(_Section):
     """Which GGUF model to run and how."""
 
     path: Path = Field(
-        Path("/var/lib/qwen-edge/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"),
+        DEFAULT_MODELS_DIR / "qwen2.5-0.5b-instruct-q4_k_m.gguf",
         description="Path of the GGUF chat model file.",
     )
     name: str | None = Field(
@@ -118,7 +122,7 @@ class ModelSettings(_Section):
         "whole file: seconds on a Pi); unset: size, header and layout checks only.",
     )
     dir: Path = Field(
-        Path("/var/lib/qwen-edge/models"),
+        DEFAULT_MODELS_DIR,
         description="Where `qwen-edge model pull` puts models and `model list` looks for them.",
     )
     catalog: Path | None = Field(
@@ -257,7 +261,7 @@ class ServiceSettings(_Section):
         None,
         description=(
             "Where history.db (conversations, accepted and finished requests) is kept "
-            "(default: $STATE_DIRECTORY from systemd, else /var/lib/qwen-edge)."
+            f"(default: $STATE_DIRECTORY from systemd, else {DEFAULT_STATE_DIR})."
         ),
     )
     outcomes_max: int = Field(

@@ -28,6 +28,8 @@ from typing import TypeVar
 
 import structlog
 
+from .settings import DEFAULT_STATE_DIR
+
 log = structlog.get_logger("qwen_edge.statestore")
 
 FILE_NAME = "history.db"
@@ -165,10 +167,10 @@ class StateStore:
 
     def _open(self) -> sqlite3.Connection:
         if self.path is None:
-            return self._connect(":memory:")
+            return _connect(":memory:")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return self._connect(str(self.path))
+            return _connect(str(self.path))
         except (sqlite3.Error, OSError, _Unusable) as exc:
             return self._replace(_describe(exc))
 
@@ -177,8 +179,8 @@ class StateStore:
         line either way."""
         assert self.path is not None
         try:
-            aside = self._move_aside(self.path)
-            db = self._connect(str(self.path))
+            aside = _move_aside(self.path)
+            db = _connect(str(self.path))
         except (sqlite3.Error, OSError, _Unusable) as exc:
             log.error(
                 "state_store_in_memory",
@@ -188,55 +190,10 @@ class StateStore:
                 consequence="history and request outcomes are lost when the node stops",
             )
             self.path = None
-            return self._connect(":memory:")
+            return _connect(":memory:")
         log.warning(
             "state_store_moved_aside", path=str(self.path), error=problem, moved_to=str(aside)
         )
-        return db
-
-    @staticmethod
-    def _move_aside(path: Path) -> Path:
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        n = 0
-        while aside.exists():
-            n += 1
-            aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
-        if path.exists() or path.is_symlink():
-            path.rename(aside)
-        # A stale WAL must not be replayed into the fresh file: keep it with the old one.
-        for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                side.rename(aside.with_name(aside.name + suffix))
-        return aside
-
-    def _connect(self, target: str) -> sqlite3.Connection:
-        db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
-        try:
-            if target != ":memory:":
-                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise _Unusable(f"journal mode {mode}, not wal")
-                db.execute("PRAGMA wal_autocheckpoint=0")  # see start_checkpoints
-                db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-            db.execute("PRAGMA synchronous=NORMAL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            tables.discard("sqlite_sequence")
-            if version == 0 and not tables:
-                db.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
-            elif version != SCHEMA_VERSION or not tables >= _TABLES:
-                raise _Unusable(f"schema version {version}, tables {sorted(tables)}")
-            db.executescript(_INDEXES)
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise _Unusable(f"integrity check: {check}")
-            # Reading every table once finds a file that is garbage past its first page.
-            for table in _TABLES:
-                db.execute(f"SELECT count(*) FROM {table}").fetchone()
-        except BaseException:
-            db.close()
-            raise
         return db
 
     def _write(self, action: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
@@ -284,7 +241,7 @@ class StateStore:
             consequence="what happens from now on is lost when the node stops",
         )
         self.path = None
-        self._db = self._connect(":memory:")
+        self._db = _connect(":memory:")
         return True
 
     def start_checkpoints(self, interval: float = 5.0) -> None:
@@ -304,14 +261,7 @@ class StateStore:
             if path is None:
                 continue
             try:
-                # Its own connection, so writers go on meanwhile (PASSIVE waits for nobody).
-                db = sqlite3.connect(
-                    f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=1.0
-                )
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                finally:
-                    db.close()
+                _checkpoint(path)
                 failing = False
             except sqlite3.Error as exc:
                 if not failing:  # once per spell of failures, not every interval
@@ -400,8 +350,8 @@ class StateStore:
                     db.execute(
                         "DELETE FROM outcomes WHERE finished < ?", (now - self._outcomes_ttl,)
                     )
-                if outcome is not None:
-                    self._bound_outcomes(db, outcome.client_id, outcome.request_id)
+                    per_client, total = self._outcomes_per_client, self._outcomes_max
+                    _bound_outcomes(db, per_client, total, outcome.client_id, outcome.request_id)
 
         self._write(commit, None)
 
@@ -422,45 +372,6 @@ class StateStore:
         except zlib.error as exc:
             log.error("state_read_failed", error=str(exc))
             return None
-
-    def _bound_outcomes(
-        self, db: sqlite3.Connection, client_id: str | None, request_id: str | None
-    ) -> None:
-        """Prune to the outcome bounds, by _FAIR_PRUNE's rule, after `client_id` wrote
-        `request_id` (None: prune everything over, as on start).
-
-        One new row leaves at most one row too many, so after a write one row goes, found
-        through the index in well under a millisecond: ranking the whole table takes several.
-        """
-        if client_id is None:
-            db.execute(
-                _PRUNE_OUTCOMES,
-                {"per_client": self._outcomes_per_client, "total": self._outcomes_max},
-            )
-            return
-        oldest = "SELECT rowid FROM outcomes WHERE client_id = ? ORDER BY finished, request_id"
-        mine = db.execute(
-            "SELECT count(*) FROM outcomes WHERE client_id = ?", (client_id,)
-        ).fetchone()[0]
-        if mine > self._outcomes_per_client:
-            db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (client_id,))
-            return
-        if db.execute("SELECT count(*) FROM outcomes").fetchone()[0] <= self._outcomes_max:
-            return
-        # The client holding the most; on a tie the writer, then the one with the oldest row.
-        victim, held = db.execute(
-            "SELECT client_id, count(*) AS held FROM outcomes GROUP BY client_id"
-            " ORDER BY held DESC, client_id = ? DESC, min(finished) LIMIT 1",
-            (client_id,),
-        ).fetchone()
-        if victim == client_id and held == 1:  # everyone holds one: the oldest of all goes
-            db.execute(
-                "DELETE FROM outcomes WHERE rowid = (SELECT rowid FROM outcomes"
-                " WHERE NOT (client_id = ? AND request_id = ?) ORDER BY finished LIMIT 1)",
-                (client_id, request_id),
-            )
-        else:
-            db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (victim,))
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -502,7 +413,7 @@ class StateStore:
                     },
                 )
                 db.execute("DELETE FROM outcomes WHERE finished < ?", (now - self._outcomes_ttl,))
-                self._bound_outcomes(db, None, None)
+                _bound_outcomes(db, self._outcomes_per_client, self._outcomes_max)
             saved = []
             for client_id, conversation_id, system, turns, updated in db.execute(
                 "SELECT client_id, conversation_id, system, turns, updated FROM conversations"
@@ -521,6 +432,106 @@ class StateStore:
             return saved
 
         return self._write(load, [])
+
+
+def _connect(target: str) -> sqlite3.Connection:
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
+    try:
+        if target != ":memory:":
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise _Unusable(f"journal mode {mode}, not wal")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # see start_checkpoints
+            db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        db.execute("PRAGMA synchronous=NORMAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables.discard("sqlite_sequence")
+        if version == 0 and not tables:
+            db.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+        elif version != SCHEMA_VERSION or not tables >= _TABLES:
+            raise _Unusable(f"schema version {version}, tables {sorted(tables)}")
+        db.executescript(_INDEXES)
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise _Unusable(f"integrity check: {check}")
+        # Reading every table once finds a file that is garbage past its first page.
+        for table in _TABLES:
+            db.execute(f"SELECT count(*) FROM {table}").fetchone()
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
+    if path.exists() or path.is_symlink():
+        path.rename(aside)
+    # A stale WAL must not be replayed into the fresh file: keep it with the old one.
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
+def _checkpoint(path: Path) -> None:
+    """Copy the WAL into the database file, on a connection of its own, so writers go on
+    meanwhile (PASSIVE waits for nobody)."""
+    db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=1.0)
+    try:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        db.close()
+
+
+def _bound_outcomes(
+    db: sqlite3.Connection,
+    per_client: int,
+    total: int,
+    client_id: str | None = None,
+    request_id: str | None = None,
+) -> None:
+    """Prune to the outcome bounds, by _FAIR_PRUNE's rule, after `client_id` wrote
+    `request_id` (None: prune everything over, as on start).
+
+    One new row leaves at most one row too many, so after a write one row goes, found
+    through the index in well under a millisecond: ranking the whole table takes several.
+    """
+    if client_id is None:
+        db.execute(
+            _PRUNE_OUTCOMES,
+            {"per_client": per_client, "total": total},
+        )
+        return
+    oldest = "SELECT rowid FROM outcomes WHERE client_id = ? ORDER BY finished, request_id"
+    mine = db.execute("SELECT count(*) FROM outcomes WHERE client_id = ?", (client_id,)).fetchone()[
+        0
+    ]
+    if mine > per_client:
+        db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (client_id,))
+        return
+    if db.execute("SELECT count(*) FROM outcomes").fetchone()[0] <= total:
+        return
+    # The client holding the most; on a tie the writer, then the one with the oldest row.
+    victim, held = db.execute(
+        "SELECT client_id, count(*) AS held FROM outcomes GROUP BY client_id"
+        " ORDER BY held DESC, client_id = ? DESC, min(finished) LIMIT 1",
+        (client_id,),
+    ).fetchone()
+    if victim == client_id and held == 1:  # everyone holds one: the oldest of all goes
+        db.execute(
+            "DELETE FROM outcomes WHERE rowid = (SELECT rowid FROM outcomes"
+            " WHERE NOT (client_id = ? AND request_id = ?) ORDER BY finished LIMIT 1)",
+            (client_id, request_id),
+        )
+    else:
+        db.execute(f"DELETE FROM outcomes WHERE rowid = ({oldest} LIMIT 1)", (victim,))
 
 
 class _Unusable(Exception):
@@ -549,8 +560,8 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def state_directory(configured: Path | None) -> Path:
-    """The configured directory, else systemd's $STATE_DIRECTORY, else /var/lib/qwen-edge."""
+    """The configured directory, else systemd's $STATE_DIRECTORY, else DEFAULT_STATE_DIR."""
     if configured is not None:
         return configured
     from_systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(from_systemd) if from_systemd else Path("/var/lib/qwen-edge")
+    return Path(from_systemd) if from_systemd else DEFAULT_STATE_DIR

@@ -51,6 +51,7 @@ __all__ = [
 UNIT_MODULES = frozenset(
     {
         "test_conversations",
+        "test_intake",
         "test_kvstore",
         "test_modelfile",
         "test_protocol",

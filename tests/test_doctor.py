@@ -20,6 +20,7 @@ from qwen_edge.doctor import (
     Level,
     ModelFacts,
     _daemon_rss,
+    arm_hwcap_flags,
     check_broker,
     check_cpu,
     check_memory,
@@ -87,6 +88,7 @@ def auth_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 # -- end to end ------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_everything_ok_with_a_running_daemon(daemon: Daemon, module_broker: Broker) -> None:
     code, checks, _ = doctor(module_broker.port)
 
@@ -341,12 +343,14 @@ ARM_NEON_BUILD = "CPU : NEON = 1 | ARM_FMA = 1 | LLAMAFILE = 1 | OPENMP = 1 | RE
 PI5_BUILD = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | REPACK = 1 |"
 
 
+@pytest.mark.smoke
 def test_cpu_flags_read_x86_and_arm_cpuinfo() -> None:
     assert {"avx2", "fma", "f16c"} <= cpu_flags(X86_CPUINFO)
     assert cpu_flags(PI4_CPUINFO) == {"fp", "asimd", "evtstrm", "crc32", "cpuid"}
     assert cpu_flags("processor : 0\n") == set()
 
 
+@pytest.mark.smoke
 def test_cpu_matching_build_is_ok() -> None:
     check = check_cpu("x86_64", X86_CPUINFO, X86_AVX2_BUILD, "rebuild")
     assert check.level is Level.OK
@@ -355,6 +359,7 @@ def test_cpu_matching_build_is_ok() -> None:
     assert check_cpu("aarch64", PI5_CPUINFO, PI5_BUILD, "rebuild").level is Level.OK
 
 
+@pytest.mark.smoke
 def test_cpu_feature_the_build_lacks_is_a_warning_with_the_rebuild() -> None:
     avx512_cpu = X86_CPUINFO.replace("bmi2", "bmi2 avx512f avx512_vnni")
     check = check_cpu("x86_64", avx512_cpu, X86_AVX2_BUILD, "rebuild it")
@@ -366,6 +371,7 @@ def test_cpu_feature_the_build_lacks_is_a_warning_with_the_rebuild() -> None:
     assert "DOTPROD" in pi5.detail
 
 
+@pytest.mark.smoke
 def test_cpu_build_for_a_feature_the_cpu_lacks_fails() -> None:
     check = check_cpu("x86_64", X86_CPUINFO, X86_AVX2_BUILD + " AVX512 = 1 |", "rebuild it")
     assert check.level is Level.FAIL
@@ -373,6 +379,7 @@ def test_cpu_build_for_a_feature_the_cpu_lacks_fails() -> None:
     assert check_cpu("aarch64", PI4_CPUINFO, PI5_BUILD, "r").level is Level.FAIL
 
 
+@pytest.mark.smoke
 def test_cpu_without_avx2_or_on_a_32_bit_arm_os_warns() -> None:
     old = "flags\t\t: fpu sse2 pni ssse3 avx\n"
     check = check_cpu("x86_64", old, "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 |", "r")
@@ -384,6 +391,19 @@ def test_cpu_without_avx2_or_on_a_32_bit_arm_os_warns() -> None:
     assert "64-bit" in check.fix
     assert check_cpu("riscv64", "", "", "r").level is Level.WARN
     assert check_cpu("x86_64", "", X86_AVX2_BUILD, "r").level is Level.WARN
+
+
+@pytest.mark.smoke
+def test_aarch64_reads_the_kernels_hwcaps_not_a_foreign_cpuinfo() -> None:
+    """Under qemu-user (scripts/arm64-check) /proc/cpuinfo is the x86 host's; AT_HWCAP is the
+    emulated CPU's. The values are qemu's cortex-a72 (a Pi 4) and cortex-a76 (a Pi 5)."""
+    pi4, pi5 = arm_hwcap_flags(0x8FB, 0), arm_hwcap_flags(0x119FFB, 0)
+    assert pi4 == {"asimd"}
+    assert pi5 == {"asimd", "asimdhp", "asimddp"}
+    assert arm_hwcap_flags(1 << 22 | 2, 1 << 13) == {"asimd", "sve", "i8mm"}
+    assert check_cpu("aarch64", X86_CPUINFO, ARM_NEON_BUILD, "r", pi4).level is Level.OK
+    assert check_cpu("aarch64", X86_CPUINFO, PI5_BUILD, "r", pi5).level is Level.OK
+    assert check_cpu("aarch64", X86_CPUINFO, PI5_BUILD, "r", pi4).level is Level.FAIL
 
 
 MEMINFO = "MemTotal:        2000000 kB\nMemFree:          100000 kB\nMemAvailable:    1500000 kB\n"

@@ -84,6 +84,7 @@ def test_watchdog_pings_stop_while_the_inference_loop_is_stuck(node: Any, broker
         dev.close()
 
 
+@pytest.mark.smoke
 def test_sigterm_ends_in_flight_reply_publishes_offline_and_exits_zero(
     node: Any, broker: Broker
 ) -> None:
@@ -283,6 +284,7 @@ def test_model_sha256_that_matches_lets_the_daemon_start(node: Any) -> None:
     assert d.stop() == 0
 
 
+@pytest.mark.smoke
 def test_chinese_reply_parts_are_whole_characters(broker: Broker, tmp_path: Path) -> None:
     """SmolLM2's byte-level BPE splits CJK characters across tokens; chunks must not."""
     d = Daemon(tmp_path / "zh", broker, SMOLLM)

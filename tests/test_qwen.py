@@ -32,6 +32,7 @@ def reference() -> Any:
     return Llama(model_path=str(QWEN_TINY), n_ctx=2048, flash_attn=True, verbose=False)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "messages",
     [
@@ -75,6 +76,7 @@ def test_qwen_chat_template_wraps_the_prompt_in_chatml(qwen: Probe, reference: A
     assert prompt_tokens == len(rendered)
 
 
+@pytest.mark.smoke
 def test_sampled_chinese_stream_is_whole_characters(qwen: Probe, tmp_path: Path) -> None:
     """High-temperature sampling over Qwen's 151k tokens emits partial-character byte tokens;
     every chunk must still be complete UTF-8 characters, never U+FFFD."""

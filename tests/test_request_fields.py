@@ -464,9 +464,8 @@ def test_checking_only_the_picked_token_picks_what_masking_every_token_would() -
     try:
         for message, schema in SCHEMAS[:4]:
             grammar = grammar_for(schema)
-            checked = GrammarSampler(
-                SamplingParams(0, 1, 0, 0, 1, 0, 0, grammar), engine.n_vocab, engine.vocab
-            )
+            checked = engine.new_sampler(SamplingParams(0, 1, 0, 0, 1, 0, 0, grammar))
+            assert isinstance(checked, GrammarSampler)
             masked = llama_cpp.llama_sampler_chain_init(
                 llama_cpp.llama_sampler_chain_default_params()
             )
@@ -476,7 +475,7 @@ def test_checking_only_the_picked_token_picks_what_masking_every_token_would() -
             )
             llama_cpp.llama_sampler_chain_add(masked, llama_cpp.llama_sampler_init_greedy())
             try:
-                ours = _greedy_tokens(engine, message, partial(checked.sample, engine.ctx))
+                ours = _greedy_tokens(engine, message, checked.sample)
                 reference = _greedy_tokens(
                     engine, message, partial(llama_cpp.llama_sampler_sample, masked, engine.ctx)
                 )

@@ -359,12 +359,12 @@ def test_reply_is_recorded_before_its_final_message_and_replayed_byte_for_byte(
     tmp_path: Path,
 ) -> None:
     journal = RequestJournal(StateStore(tmp_path))
-    inbox = journal.store.accept(TOPIC, b"{}", None, None)
+    inbox = journal.accept(TOPIC, b"{}", None, None)
     sent = Sent()
     entry = journal.entry("dev1", "r1", "reply/topic", b"corr", inbox)
     stream = ReplyStream(sent, "reply/topic", "r1", b"corr", journal=entry)
     stream.start("n", "m")
-    queued, interrupted = journal.store.recover()  # as after a crash now:
+    queued, interrupted = journal.recover()  # as after a crash now:
     assert queued == [] and [e.id for e in interrupted] == [inbox]  # never run again
     stream.chunk("Hel")
     stream.chunk("lo\n")
@@ -388,13 +388,13 @@ def test_reply_is_recorded_before_its_final_message_and_replayed_byte_for_byte(
 )
 def test_refusals_asking_to_retry_are_not_outcomes(tmp_path: Path, code: ErrorCode) -> None:
     journal = RequestJournal(StateStore(tmp_path))
-    inbox = journal.store.accept(TOPIC, b"{}", None, None)
+    inbox = journal.accept(TOPIC, b"{}", None, None)
     stream = ReplyStream(
         Sent(), "t", "r1", None, journal=journal.entry("dev1", "r1", "t", None, inbox)
     )
     stream.error(code, "later")
     assert journal.admit("dev1", "r1", lambda: None) is None  # served when sent again
-    assert journal.store.recover() == ([], [])  # and no longer in the inbox
+    assert journal.recover() == ([], [])  # and no longer in the inbox
 
 
 @pytest.mark.parametrize("code", [ErrorCode.CONTEXT_OVERFLOW, ErrorCode.INTERNAL])

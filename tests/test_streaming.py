@@ -23,6 +23,7 @@ def _props(response_topic: str, correlation: bytes) -> Properties:
     return props
 
 
+@pytest.mark.smoke
 def test_reply_stream_has_start_chunks_done_with_contiguous_seq(probe_factory: Any) -> None:
     dev = probe_factory("dev1")
     dev.subscribe(dev.reply_topic())
@@ -72,6 +73,7 @@ def test_chunks_arrive_before_the_reply_is_done(probe_factory: Any) -> None:
     assert arrivals[-1][0] - first_chunk > 0.05, "chunks were not streamed, they came in one burst"
 
 
+@pytest.mark.smoke
 def test_greedy_reply_equals_llama_cpp_python_create_chat_completion(
     probe_factory: Any,
 ) -> None:
@@ -108,6 +110,7 @@ def test_greedy_reply_equals_llama_cpp_python_create_chat_completion(
     assert ours[-1]["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
 
 
+@pytest.mark.smoke
 def test_follow_up_turn_sees_history(probe_factory: Any) -> None:
     dev = probe_factory("memo")
     dev.subscribe(dev.reply_topic("c1"))
@@ -149,6 +152,7 @@ def test_conversations_of_different_clients_are_separate(probe_factory: Any) -> 
         assert data.get("request_id") != a1[0]["request_id"]
 
 
+@pytest.mark.smoke
 def test_cancel_stops_generation_with_done_cancelled(probe_factory: Any) -> None:
     dev = probe_factory("canceller")
     dev.subscribe(dev.reply_topic())
@@ -173,6 +177,7 @@ def test_another_client_cannot_cancel(probe_factory: Any) -> None:
     assert dev.collect(rid)[-1]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     ("payload", "code"),
     [
@@ -199,6 +204,7 @@ def test_unreadable_requests_get_an_error_on_the_error_topic(
     assert data["message"]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     ("fields", "code"),
     [
@@ -230,6 +236,7 @@ def test_invalid_requests_with_readable_ids_get_an_error_on_the_reply_topic(
     assert msgs[-1]["seq"] == len(msgs) - 1
 
 
+@pytest.mark.smoke
 def test_daemon_keeps_serving_after_bad_input(probe_factory: Any, daemon: Daemon) -> None:
     dev = probe_factory("resilient")
     dev.subscribe(dev.reply_topic())
