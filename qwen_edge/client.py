@@ -458,10 +458,21 @@ class _Exchange:
                 return  # a resend refused; the reply it asked about is still coming
             self._diverged(message.seq)
         self._seen[message.seq] = (item.payload, message)
+        generation = self.request_id
         while not self.ended and self._next in self._seen:
             seq = self._next
             self._next += 1  # before taking it: a node_lost retry starts over from seq 0
             self._take(self._seen[seq][1])
+        if (
+            isinstance(message, ErrorMessage)
+            and not self.ended
+            and self.request_id == generation  # not already taken and retried
+            and message.seq >= self._next
+        ):
+            # An error is final whatever gap precedes it: another node's node_lost is numbered
+            # past any seq the lost reply reached, and the messages between never come.
+            self._next = message.seq + 1
+            self._take(message)
 
     def _diverged(self, seq: int) -> None:
         """A different message under a seq already seen: the node lost the reply (a crash) and

@@ -1,22 +1,28 @@
 """Ends the pooled replies of a node that vanished, so no pooled request is silently lost.
 
-Every node of a pool watches the pool's reply topics and remembers which replies other nodes
-have started and not yet ended. When a node's status turns offline (its Last Will after a crash,
-or a stop that left replies open), the lowest-named node still online ends each of its open
-replies with an `error` `node_lost`, numbered right after the last message seen, so the stream
-stays contiguous and the client knows to send the request again.
+Each node announces the pooled replies it holds: a retained claims message on
+`{prefix}/{group}/claims/{node}`, sent again whenever it takes a reply, and at most every
+CLAIM_INTERVAL when replies end. Nobody watches anybody's tokens: what a node receives grows
+with the pool's requests, not with its tokens. When a node's status turns offline (its Last
+Will after a crash, or a stop that left replies open), the lowest-named node still online ends
+each reply that node claimed with an `error` `node_lost` numbered `final_seq`, past any seq the
+reply can reach, so it sorts after whatever the client saw. A node whose claims come from a new
+process (another `boot`) lost the replies of the old one: they are ended too, by the leader, or
+by the node itself when it finds its own old claims on start.
 
 Only a status change seen live counts, and only if this node's own pool link stays up for
 LOSS_GRACE seconds after it: mosquitto publishes every client's Last Will when it shuts down,
 and the nodes whose wills those are go on streaming once the broker is back. Retained statuses
 delivered on (re)subscribing tell who is online, never that someone was lost.
 
-Called from the pool link's network thread and a timer thread; one lock.
+Called from the pool link's network thread, the threads that start and end replies, and a timer
+thread; one lock.
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -25,39 +31,30 @@ from typing import Final
 
 import structlog
 
-from .protocol import (
-    DoneMessage,
-    ErrorMessage,
-    StartMessage,
-    Status,
-    node_lost,
-    parse_reply,
-)
+from .protocol import Claim, Claims, Status, node_lost, parse_claims
 from .replies import Publish
 
 log = structlog.get_logger("qwen_edge.failover")
 
-MAX_OPEN: Final = 10_000  # replies remembered at most; the oldest are forgotten first
-MAX_AGE: Final = 3600.0  # seconds; a reply open longer than this is forgotten
 LOSS_GRACE: Final = 2.0  # seconds this node's own link must stay up after another's loss
-
-
-@dataclass(slots=True)
-class _Open:
-    """A reply another node started and has not ended, as far as this node has seen."""
-
-    node: str
-    seq: int  # the highest seq seen
-    correlation: bytes | None
-    since: float  # clock time, for forgetting old ones
-    order: int  # event number: before or after its node's loss
+CLAIM_INTERVAL: Final = 0.2  # seconds between two claims messages of this node, at least
 
 
 @dataclass(slots=True)
 class _Node:
     online: bool
     reason: str | None
-    lost_at: int | None = None  # event number of its loss, seen live; replies before: orphans
+    lost_at: int | None = None  # event number of its loss, seen live
+
+
+@dataclass(frozen=True, slots=True)
+class _Orphan:
+    """A claimed reply whose process is gone: its node is offline or runs a new process."""
+
+    node: str
+    claim: Claim
+    final_seq: int
+    reason: str
 
 
 class Failover:
@@ -67,50 +64,126 @@ class Failover:
         group: str,
         publish: Publish,
         *,
-        max_open: int = MAX_OPEN,
-        max_age: float = MAX_AGE,
+        publish_retained: Callable[[str, bytes], None],
+        claims_topic: Callable[[str], str],
+        final_seq: int,
         grace: float = LOSS_GRACE,
+        interval: float = CLAIM_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         schedule: Callable[[float, Callable[[], None]], None] | None = None,
     ) -> None:
-        """`schedule(delay, fn)` runs fn after delay seconds (default: a timer thread)."""
+        """`publish` sends node_lost errors; `publish_retained` claims messages, on the topic
+        `claims_topic(node)`. `schedule(delay, fn)` runs fn after delay seconds (default: a
+        timer thread)."""
         self._node = node
         self._group = group
         self._publish = publish
-        self._max_open = max_open
-        self._max_age = max_age
+        self._publish_retained = publish_retained
+        self._claims_topic = claims_topic
+        self._final_seq = final_seq
         self._grace = grace
+        self._interval = interval
         self._clock = clock
         self._schedule = schedule or _later
         self._lock = threading.Lock()
-        # (reply topic, request_id) -> open reply; insertion order is age order.
-        self._open: dict[tuple[str, str], _Open] = {}
+        self.boot = secrets.token_hex(6)  # this process: a restart is a new boot
+        self._tokens = itertools.count()
+        self._mine: dict[int, Claim] = {}  # this node's claims, by token
+        self._sent_at = float("-inf")  # clock time of our last claims message
+        self._flush_due = False  # a claims message is scheduled
+        self._claims: dict[str, Claims] = {}  # other nodes' latest claims
+        self._orphans: dict[tuple[str, str], _Orphan] = {}  # to be ended by the leader
         self._nodes: dict[str, _Node] = {}  # every node of this pool whose status we saw
         self._link_epoch = 0  # bumped whenever our own pool link drops
-        self._events = itertools.count()  # orders replies' starts and nodes' losses
+        self._events = itertools.count()  # orders nodes' losses
+
+    # -- what this node holds ------------------------------------------------------------------
+
+    def claim(self, topic: str, request_id: str, correlation: bytes | None) -> Callable[[], None]:
+        """This node holds a pooled reply from now on; call the returned function once it ended
+        (calling it again does nothing)."""
+        token = next(self._tokens)
+        with self._lock:
+            self._mine[token] = Claim(topic, request_id, correlation)
+        # At once, not coalesced: sent on the connection `start` then goes out on, the claim
+        # reaches the broker first, so a reply a client saw begin is always claimed. A late
+        # release only costs a node_lost after `done`, which clients ignore.
+        self.announce()
+
+        def release() -> None:
+            with self._lock:
+                gone = self._mine.pop(token, None)
+            if gone is not None:
+                self._changed()
+
+        return release
+
+    def announce(self) -> None:
+        """Send this node's claims now (joining the pool, or its main link reconnected)."""
+        with self._lock:
+            self._flush_due = False
+            self._sent_at = self._clock()
+            payload = self._own_claims().encode()
+        self._publish_retained(self._claims_topic(self._node), payload)
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return len(self._mine)
+
+    def _changed(self) -> None:
+        """A release: at most one claims message per interval, the last one always sent."""
+        with self._lock:
+            if self._flush_due:
+                return
+            wait = self._sent_at + self._interval - self._clock()
+            if wait > 0:
+                self._flush_due = True
+        if wait > 0:
+            self._schedule(wait, self.announce)
+        else:
+            self.announce()
+
+    def _own_claims(self) -> Claims:
+        # One entry per reply: a duplicate request shares its original's topic and id.
+        unique = {(c.topic, c.request_id): c for c in self._mine.values()}
+        return Claims(self._node, self.boot, self._final_seq, tuple(unique.values()))
 
     # -- what the fleet says -------------------------------------------------------------------
 
-    def on_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
-        """A message on a pooled reply topic, from any node (this one included)."""
-        message = parse_reply(payload)
-        if message is None or message.request_id is None:
+    def on_claims(self, node: str, payload: bytes) -> None:
+        """A node's claims message (retained ones too: claims are current state, not news)."""
+        claims = parse_claims(payload)
+        if claims is not None and claims.node != node:
+            return  # not where that node's claims go: ignored
+        if node == self._node:
+            self._on_own_claims(claims, payload)
             return
-        key = (topic, message.request_id)
         with self._lock:
-            if isinstance(message, StartMessage):
-                if message.node != self._node:  # we end our own replies
-                    self._open.pop(key, None)  # re-inserted at the end: age order holds
-                    self._open[key] = _Open(
-                        message.node, message.seq, correlation, self._clock(), next(self._events)
-                    )
-                    self._forget_old()
-            elif isinstance(message, DoneMessage | ErrorMessage):
-                self._open.pop(key, None)
-            else:
-                entry = self._open.get(key)
-                if entry is not None and message.seq > entry.seq:
-                    entry.seq = message.seq
+            old = self._claims.get(node)
+            if claims is None:  # cleared (by the leader that ended them)
+                self._claims.pop(node, None)
+                return
+            self._claims[node] = claims
+            if old is None or old.boot == claims.boot:
+                return
+            # A new process of that node: the old one's replies are lost, whatever its status.
+            for orphan in old.replies:
+                self._orphans[(orphan.topic, orphan.request_id)] = _Orphan(
+                    node, orphan, old.final_seq, "restarted"
+                )
+            epoch = self._link_epoch
+        self._schedule(self._grace, lambda: self.check_losses(epoch))
+
+    def _on_own_claims(self, claims: Claims | None, payload: bytes) -> None:
+        if claims is not None and claims.boot != self.boot:
+            # Our previous process's claims (retained): it is gone, so are its replies. Ended
+            # here, not by the leader, so that a lone node also ends them.
+            for claim in claims.replies:
+                self._end(self._node, claim, claims.final_seq, "restarted")
+            self.announce()
+        elif claims is None:
+            self.announce()  # cleared while we run (a leader took us for lost): say it again
 
     def on_status(self, node: str, payload: bytes, retained: bool = False) -> None:
         """A node's status (also its Last Will); `retained`: delivered on subscribing, old news.
@@ -144,22 +217,29 @@ class Failover:
 
     def check_losses(self, epoch: int | None = None) -> None:
         """If this node leads and its link stayed up since `epoch`, end every orphaned reply:
-        those of nodes not online, and those a node had started before it was lost (it may be
-        back, as a new process that knows nothing of them)."""
+        those claimed by a node not online, and those of a node's previous process."""
+        cleared: list[str] = []
         with self._lock:
             if epoch is not None and epoch != self._link_epoch:
                 return
             if not self._is_leader():
                 return
-            for key, entry in list(self._open.items()):
-                state = self._nodes.get(entry.node)
-                if state is None:
+            ending = list(self._orphans.values())
+            self._orphans.clear()
+            for node, claims in list(self._claims.items()):
+                state = self._nodes.get(node)
+                if state is None or state.online:
                     continue  # status never seen: given the benefit of the doubt
-                died = state.lost_at is not None and entry.order < state.lost_at
-                if state.online and not died:
-                    continue
-                del self._open[key]
-                self._end(key, entry, state.reason or "offline")
+                reason = state.reason or "offline"
+                ending.extend(_Orphan(node, c, claims.final_seq, reason) for c in claims.replies)
+                del self._claims[node]
+                cleared.append(node)
+        for orphan in ending:
+            self._end(orphan.node, orphan.claim, orphan.final_seq, orphan.reason)
+        for node in cleared:
+            # Ended: no later leader should end them again. A node still running (only cut
+            # off) sees its claims cleared and sends them again.
+            self._publish_retained(self._claims_topic(node), b"")
 
     def is_leader(self) -> bool:
         """This node is the lowest-named online member of the pool, as far as it knows."""
@@ -167,27 +247,20 @@ class Failover:
             return self._is_leader()
 
     @property
-    def open_replies(self) -> int:
-        return len(self._open)
+    def watched_replies(self) -> int:
+        """Replies other nodes claim, as far as this node knows."""
+        with self._lock:
+            return sum(len(c.replies) for c in self._claims.values()) + len(self._orphans)
 
     # -- internals -----------------------------------------------------------------------------
 
     def _is_leader(self) -> bool:
         return all(self._node < name for name, n in self._nodes.items() if n.online)
 
-    def _end(self, key: tuple[str, str], entry: _Open, reason: str) -> None:
-        topic, request_id = key
-        message = node_lost(request_id, entry.seq + 1, entry.node, reason)
-        self._publish(topic, message.encode(), entry.correlation)
-        log.info("node_lost_reply_ended", node=entry.node, request_id=request_id, topic=topic)
-
-    def _forget_old(self) -> None:
-        horizon = self._clock() - self._max_age
-        while self._open:
-            key, entry = next(iter(self._open.items()))
-            if len(self._open) <= self._max_open and entry.since >= horizon:
-                return
-            del self._open[key]
+    def _end(self, node: str, claim: Claim, final_seq: int, reason: str) -> None:
+        message = node_lost(claim.request_id, final_seq, node, reason)
+        self._publish(claim.topic, message.encode(), claim.correlation)
+        log.info("node_lost_reply_ended", node=node, request_id=claim.request_id, topic=claim.topic)
 
 
 def _later(delay: float, fn: Callable[[], None]) -> None:

@@ -10,6 +10,7 @@ or says why not. Cancels go straight to the scheduler. Rationale: docs/protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,8 +156,8 @@ class Intake:
         elif route is not None and route.kind is WatchKind.REPLY:
             if route.name == PROBE_CLIENT:
                 self._on_probe(msg.payload, True)
-            else:
-                self._failover.on_reply(msg.topic, msg.payload, msg.correlation)
+        elif route is not None and route.kind is WatchKind.CLAIMS:
+            self._failover.on_claims(route.name, msg.payload)
         elif route is not None and route.kind is WatchKind.STATUS:
             self._failover.on_status(route.name, msg.payload, msg.retained)
 
@@ -275,6 +276,11 @@ class Intake:
         entry = self._journal.entry(
             client_id, request_id, checked.topic, checked.correlation, inbox_id
         )
+        if pooled and self._failover is not None:
+            # Claimed before the scheduler sends `start`; every path below ends the reply or
+            # calls release(), so the claim goes with it (docs/protocol.md, "Fleet").
+            unclaim = self._failover.claim(checked.topic, request_id, checked.correlation)
+            checked = dataclasses.replace(checked, release=_then(checked.release, unclaim))
         stream = ReplyStream(
             self._publish,
             checked.topic,
@@ -383,3 +389,13 @@ def send_error(
     stream = ReplyStream(publish, topic, error.request_id, correlation)
     stream.error(error.code, error.message)
     log.info("request_rejected", client_id=client_id, code=error.code.value, error=error.message)
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """A pooled reply's end: free its limiter count, then drop its fleet claim."""
+
+    def both() -> None:
+        first()
+        second()
+
+    return both

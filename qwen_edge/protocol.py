@@ -8,6 +8,7 @@ heavy (no llama.cpp, no paho): devices use it through qwen_edge.client.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from enum import StrEnum
@@ -215,12 +216,13 @@ class WatchKind(StrEnum):
     REPLY = "reply"
     STATUS = "status"
     STATS = "stats"
+    CLAIMS = "claims"
 
 
 @dataclass(frozen=True, slots=True)
 class WatchedTopic:
-    """A message about other nodes: a pooled reply (`name` = client id) or a node's status or
-    stats (`name` = node id)."""
+    """A message about other nodes: a pooled reply (`name` = client id), or a node's status,
+    stats or claims (`name` = node id)."""
 
     kind: WatchKind
     name: str
@@ -354,10 +356,9 @@ class FleetTopics:
         """Each request published to the pool goes to exactly one subscriber of this."""
         return f"$share/{self.group}/{self.pool.base}/request/+"
 
-    @property
-    def pool_replies(self) -> str:
-        # '#': response topics may have more levels under the client's namespace.
-        return f"{self.pool.base}/reply/#"
+    def claims(self, node: str) -> str:
+        """Retained: the pooled replies `node` holds (see Claims)."""
+        return f"{self.pool.base}/claims/{node}"
 
     @property
     def probe_request(self) -> str:
@@ -366,21 +367,23 @@ class FleetTopics:
 
     def probe_echo(self, node: str) -> str:
         """Where a pool member returns a probe that `node` sent (and the pool gave to another
-        member): a pooled reply topic of PROBE_CLIENT, which every member watches."""
+        member): a pooled reply topic of PROBE_CLIENT; each member watches its own."""
         return self.pool.reply(PROBE_CLIENT, node)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        """What the pool link subscribes to; all but the first are seen by every node."""
+        """What the pool link subscribes to: none carries other nodes' replies, so what a node
+        receives grows with the pool's requests, not with its tokens (docs/protocol.md)."""
         return (
             self.shared_requests,
             f"{self.pool.base}/cancel/+",
-            self.pool_replies,
+            self.probe_echo(self.own.node),
+            self.claims("+"),
             node_filters(self.own.prefix)[0],
         )
 
     def parse(self, topic: str) -> InboundTopic | WatchedTopic | None:
-        """A pooled request or cancel, another node's pooled reply, or a node's status."""
+        """A pooled request or cancel, a returned probe, a node's claims, or a node's status."""
         inbound = self.pool.parse(topic)
         if inbound is not None:
             return InboundTopic(inbound.kind, inbound.client_id, pooled=True)
@@ -388,7 +391,96 @@ class FleetTopics:
         if topic.startswith(namespace):
             client_id, _, rest = topic[len(namespace) :].partition("/")
             return WatchedTopic(WatchKind.REPLY, client_id) if client_id and rest else None
+        head, _, node = topic.rpartition("/")
+        if head == f"{self.pool.base}/claims" and node:
+            return WatchedTopic(WatchKind.CLAIMS, node)
         return parse_node_topic(self.own.prefix, topic)
+
+
+# -- claims: the pooled replies a node holds (docs/protocol.md, "Fleet") -------------------------
+
+MAX_CLAIMS: Final = 10_000  # replies one claims message may list; a longer one is refused
+
+
+def final_seq(max_tokens_limit: int) -> int:
+    """A seq past every message a reply can have: `start`, at most one chunk per token, one
+    chunk of held-back text, and its end make at most max_tokens_limit + 3 messages, numbered
+    from 0. Another node's `node_lost` takes it, so it sorts after whatever the client saw."""
+    return max_tokens_limit + 3
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One pooled reply a node holds: where it goes and how it is told apart."""
+
+    topic: str
+    request_id: str
+    correlation: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """Retained on {prefix}/{group}/claims/{node}: every pooled reply the node holds now.
+    `boot` names the process (a new one after a restart); `final_seq` is the seq another node
+    gives the `node_lost` that ends one of these replies."""
+
+    node: str
+    boot: str
+    final_seq: int
+    replies: tuple[Claim, ...]
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "node": self.node,
+                "boot": self.boot,
+                "final_seq": self.final_seq,
+                "replies": [
+                    {
+                        "topic": c.topic,
+                        "request_id": c.request_id,
+                        "correlation": None
+                        if c.correlation is None
+                        else base64.b64encode(c.correlation).decode("ascii"),
+                    }
+                    for c in self.replies
+                ],
+            }
+        )
+
+
+class _ClaimModel(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    topic: Annotated[str, StringConstraints(min_length=1)]
+    request_id: str
+    correlation: str | None = None
+
+
+class _ClaimsModel(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    node: Annotated[str, StringConstraints(min_length=1)]
+    boot: Annotated[str, StringConstraints(min_length=1)]
+    final_seq: Annotated[int, Field(ge=1)]
+    replies: Annotated[list[_ClaimModel], Field(max_length=MAX_CLAIMS)]
+
+
+def parse_claims(payload: bytes) -> Claims | None:
+    """A node's claims, or None for anything else (an empty payload: cleared). Never raises."""
+    try:
+        model = _ClaimsModel.model_validate_json(payload)
+        replies = tuple(
+            Claim(
+                c.topic,
+                c.request_id,
+                None if c.correlation is None else base64.b64decode(c.correlation, validate=True),
+            )
+            for c in model.replies
+        )
+    except (ValidationError, ValueError):
+        return None
+    return Claims(model.node, model.boot, model.final_seq, replies)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -38,7 +38,7 @@ from .journal import RequestJournal
 from .limits import ClientLimits
 from .modelfile import ModelError, verify_model_file
 from .mqtt import Inbound, MqttLink, Subscription
-from .protocol import FleetTopics, NodeState, Topics
+from .protocol import FleetTopics, NodeState, Topics, final_seq
 from .scheduler import Scheduler
 from .settings import Settings
 from .statestore import StateStore, state_directory
@@ -79,7 +79,7 @@ class Service:
             # Health and the intake are built on this link: its callbacks find them at call
             # time (the link starts in run(), after both exist).
             on_message=self._deliver,
-            on_connected=lambda: self.health.on_connected(),  # noqa: PLW0108
+            on_connected=self._on_link_connected,
             on_subscribed=lambda: self.health.announce(),  # noqa: PLW0108
             on_disconnected=lambda: self.health.on_link_lost(),  # noqa: PLW0108
             status_topic=self.topics.status,
@@ -99,6 +99,7 @@ class Service:
             ),
         )
         self._intake: Intake | None = None  # by _open_state(), before the link connects
+        self._failover: Failover | None = None  # in a fleet, on joining the pool
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         self._stop.set()
@@ -227,7 +228,14 @@ class Service:
         if self.fleet is None:
             return
         assert self._intake is not None
-        failover = Failover(s.node_id, self.fleet.group, self._link.publish)
+        failover = self._failover = Failover(
+            s.node_id,
+            self.fleet.group,
+            self._link.publish,
+            publish_retained=self._link.publish_retained,
+            claims_topic=self.fleet.claims,
+            final_seq=final_seq(s.generation.max_tokens_limit),
+        )
         self._intake.join_pool(self.fleet, failover, self.health.on_probe)
         pool_link = MqttLink(
             s.mqtt,
@@ -273,12 +281,21 @@ class Service:
         inference.join()
         if pool_link is not None:
             pool_link.stop()
+        if self._failover is not None:
+            # Every reply has ended: say so now, not after the coalescing interval, which
+            # would come after the link closes and leave claims for the leader to end.
+            self._failover.announce()
         self._link.wait_flushed(timeout=5.0)
         self._link.stop(self.health.status(NodeState.OFFLINE, reason="stopped"))
         engine.close()
         log.info("stopped", seconds=round(time.monotonic() - began, 2))
 
     # -- wiring --------------------------------------------------------------------------------
+
+    def _on_link_connected(self) -> None:
+        self.health.on_connected()
+        if self._failover is not None:
+            self._failover.announce()  # sent while disconnected, a change was skipped
 
     def _deliver(self, msg: Inbound) -> None:
         assert self._intake is not None  # built before the link connects

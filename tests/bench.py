@@ -741,7 +741,8 @@ POOL = "pool"
 
 class PoolWatcher:
     """Subscribes exactly as a node's pool link does, minus the shared request subscription
-    (which would take a share of the requests): it receives what each node receives."""
+    (which would take a share of the requests): it receives what each node receives. Counts
+    the replies each node holds from their `start`s or the nodes' claims, whichever it sees."""
 
     def __init__(self, port: int, subscriptions: Sequence[str]) -> None:
         self.count = 0
@@ -761,8 +762,11 @@ class PoolWatcher:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.count += 1
-        if b'"type":"start"' in msg.payload:
+        if b'"type":"start"' in msg.payload:  # nodes that watch one another's replies
             self.started[json.loads(msg.payload).get("node", "?")] += 1
+        elif "/claims/" in msg.topic and msg.payload:  # nodes that announce what they hold
+            claims = json.loads(msg.payload)
+            self.started[claims["node"]] = len(claims["replies"])
 
     def close(self) -> None:
         self.c.disconnect()

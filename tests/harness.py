@@ -344,7 +344,10 @@ class Probe:
         got: dict[int, dict[str, Any]] = {m["seq"]: m for m in before}
         final = next((m for m in before if m.get("type") in ("done", "error")), None)
         deadline = time.monotonic() + timeout
-        while final is None or not all(k in got for k in range(final.get("seq", 0))):
+        while final is None or not (
+            # node_lost is numbered past anything the lost reply reached: final after a gap.
+            final.get("code") == "node_lost" or all(k in got for k in range(final.get("seq", 0)))
+        ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if final is not None:

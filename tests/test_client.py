@@ -512,6 +512,18 @@ def test_node_lost_is_retried_once_as_a_new_request_then_raised() -> None:
             assert isinstance(ex.failure, EdgeError) and ex.failure.code == "node_lost"
 
 
+def test_node_lost_after_a_gap_ends_the_reply_at_once() -> None:
+    # Another node numbers node_lost past any seq the lost reply could reach (docs: Fleet);
+    # the messages in between never come, so the client must not wait for them.
+    ex, _, _ = _exchange()
+    ex.feed(_msg(ex, 0, "start", node=NODE, model="m"))
+    ex.feed(_msg(ex, 1, "chunk", text="x"))
+    ex.feed(_msg(ex, 2051, "error", code="node_lost", message="gone"))
+    assert isinstance(ex.failure, EdgeError) and ex.failure.code == "node_lost"
+    ex.feed(_msg(ex, 2, "chunk", text="late"))  # a straggler after the end: ignored
+    assert _texts(ex) == ["x"]
+
+
 # -- a device's install --------------------------------------------------------------------------
 
 

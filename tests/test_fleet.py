@@ -30,6 +30,9 @@ from paho.mqtt.properties import Properties
 from qwen_edge.failover import Failover
 from qwen_edge.fleet import NodeView, table
 from qwen_edge.protocol import (
+    MAX_CLAIMS,
+    Claim,
+    Claims,
     FinishReason,
     FleetTopics,
     InboundTopic,
@@ -39,10 +42,12 @@ from qwen_edge.protocol import (
     WatchedTopic,
     WatchKind,
     encode,
+    final_seq,
+    parse_claims,
     parse_node_topic,
 )
 from qwen_edge.replies import ReplyStream
-from qwen_edge.settings import ConfigError, load_settings
+from qwen_edge.settings import ConfigError, Settings, load_settings
 
 from .conftest import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 
@@ -93,14 +98,17 @@ FT = FleetTopics.of("site/llm", "n1", POOL)
 
 def test_pool_topics_have_the_shape_of_a_nodes() -> None:
     assert FT.shared_requests == "$share/pool/site/llm/pool/request/+"
+    # No subscription carries other nodes' replies: a node's own probe echo, then claims.
     assert FT.subscriptions == (
         "$share/pool/site/llm/pool/request/+",
         "site/llm/pool/cancel/+",
-        "site/llm/pool/reply/#",
+        "site/llm/pool/reply/$probe/n1",
+        "site/llm/pool/claims/+",
         "site/llm/+/status",
     )
     assert FT.pool.reply("dev1", "c1") == "site/llm/pool/reply/dev1/c1"
     assert FT.pool.error("dev1") == "site/llm/pool/error/dev1"
+    assert FT.claims("n2") == "site/llm/pool/claims/n2"
     assert FT.own.stats == "site/llm/n1/stats"
     with pytest.raises(ValueError):
         FleetTopics.of("p", "pool", "pool")
@@ -110,13 +118,15 @@ def test_pool_topics_parse_apart_from_node_topics() -> None:
     # A shared subscription's message arrives under the plain topic, without "$share/pool/".
     assert FT.parse("site/llm/pool/request/dev1") == InboundTopic(TopicKind.REQUEST, "dev1", True)
     assert FT.parse("site/llm/pool/cancel/dev1") == InboundTopic(TopicKind.CANCEL, "dev1", True)
-    assert FT.parse("site/llm/pool/reply/dev1/c1") == WatchedTopic(WatchKind.REPLY, "dev1")
+    assert FT.parse("site/llm/pool/reply/$probe/n1") == WatchedTopic(WatchKind.REPLY, "$probe")
     assert FT.parse("site/llm/pool/reply/dev1/in/box") == WatchedTopic(WatchKind.REPLY, "dev1")
+    assert FT.parse("site/llm/pool/claims/n2") == WatchedTopic(WatchKind.CLAIMS, "n2")
     assert FT.parse("site/llm/n2/status") == WatchedTopic(WatchKind.STATUS, "n2")
     assert FT.own.parse("site/llm/n1/request/dev1") == InboundTopic(TopicKind.REQUEST, "dev1")
     for topic in (
         "site/llm/pool/reply/dev1",
         "site/llm/pool/reply//c1",
+        "site/llm/pool/claims/",
         "site/llm/n1/request/dev1",  # the node's own: its main link handles those
         "site/llm/n2/reply/dev1/c1",
         "$share/pool/site/llm/pool/request/dev1",
@@ -127,56 +137,114 @@ def test_pool_topics_parse_apart_from_node_topics() -> None:
     assert parse_node_topic("site/llm", "site/llm/n2/stats") == WatchedTopic(WatchKind.STATS, "n2")
 
 
+def test_claims_round_trip_and_anything_else_is_no_claims() -> None:
+    claims = Claims("n2", "b00t", 2051, (Claim("t/1", "r1", b"\x00\xff"), Claim("t/2", "r2", None)))
+    assert parse_claims(claims.encode()) == claims
+    assert parse_claims(Claims("n2", "b00t", 9, ()).encode()) == Claims("n2", "b00t", 9, ())
+    too_many = [{"topic": "t", "request_id": str(i)} for i in range(MAX_CLAIMS + 1)]
+    for payload in (
+        b"",  # a cleared retained message
+        b"[]",
+        b'{"node":"n2","boot":"b","final_seq":9}',
+        b'{"node":"n2","boot":"b","final_seq":"9","replies":[]}',
+        b'{"node":"n2","boot":"b","final_seq":9,"replies":[{"topic":"t","request_id":"r",'
+        b'"correlation":"not base64!"}]}',
+        encode({"node": "n2", "boot": "b", "final_seq": 9, "replies": too_many}),
+        b"\xff",
+    ):
+        assert parse_claims(payload) is None, payload
+
+
+def test_final_seq_sorts_after_every_message_a_reply_can_have() -> None:
+    # start, a chunk per token, the held-back tail, done: numbered 0 .. limit + 2.
+    limit = 5
+    stream = ReplyStream(lambda t, p, c: None, "t", "r")
+    stream.start("n", "m")
+    for i in range(limit):
+        stream.chunk(f"t{i}")
+    stream.chunk("held-back tail")
+    stream.done(FinishReason.LENGTH, 1, limit, 1.0, 1.0)
+    assert stream.seq - 1 < final_seq(limit)
+
+
 # -- failover, in process ----------------------------------------------------------------------
 
 Sent = list[tuple[str, dict[str, Any], bytes | None]]
 
 
 class _Pool:
-    """A Failover with its publishes recorded and its grace timer run by hand."""
+    """Failovers of one pool with a recording broker: retained claims reach every member (as
+    the pool link's `claims/+` does), node_lost errors are recorded, timers run by hand."""
 
-    def __init__(self, node: str = "a", **kw: Any) -> None:
+    def __init__(self, *nodes: str, **kw: Any) -> None:
         self.sent: Sent = []
+        self.retained: dict[str, bytes] = {}
+        self.claims_sent = 0
         self.later: list[Callable[[], None]] = []
-        self.fo = Failover(
+        self.fos: dict[str, Failover] = {}
+        for node in nodes or ("a",):
+            self.join(node, **kw)
+
+    def join(self, node: str, **kw: Any) -> Failover:
+        """A (new) process of `node`: subscribed, it gets every retained claims message."""
+        fo = Failover(
             node,
             POOL,
             lambda t, p, c: self.sent.append((t, json.loads(p), c)),
+            publish_retained=self._retain,
+            claims_topic=partial(FleetTopics.of(PREFIX, node, POOL).claims),
+            final_seq=final_seq(100),
             schedule=lambda delay, fn: self.later.append(fn),
             **kw,
         )
+        self.fos[node] = fo
+        for topic, payload in list(self.retained.items()):
+            fo.on_claims(topic.rpartition("/")[2], payload)
+        return fo
+
+    @property
+    def fo(self) -> Failover:
+        return next(iter(self.fos.values()))
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        self.claims_sent += 1
+        if payload:
+            self.retained[topic] = payload
+        else:
+            self.retained.pop(topic, None)
+        for fo in list(self.fos.values()):
+            fo.on_claims(topic.rpartition("/")[2], payload)
 
     def status(self, node: str, state: str, reason: str | None = None, **kw: Any) -> None:
+        """`node`'s status as every member sees it."""
         group = kw.pop("group", POOL)
         body = {"state": state, "node": node, "reason": reason, "group": group}
-        self.fo.on_status(node, encode({k: v for k, v in body.items() if v}), **kw)
+        for fo in self.fos.values():
+            fo.on_status(node, encode({k: v for k, v in body.items() if v}), **kw)
 
     def grace_ends(self) -> None:
-        later, self.later = self.later, []
-        for fn in later:
-            fn()
+        while self.later:
+            later, self.later = self.later, []
+            for fn in later:
+                fn()
 
-    def stream(self, topic: str, rid: str, node: str, *, chunks: int, end: bool = False) -> None:
-        """A reply as `node` would stream it, seen by the failover."""
-        stream = ReplyStream(self.fo.on_reply, topic, rid, b"corr")
-        stream.start(node, "m")
-        for i in range(chunks):
-            stream.chunk(f"t{i}")
-        if end:
-            stream.done(FinishReason.STOP, 1, chunks, 1.0, 1.0)
+    def ended(self) -> list[tuple[str, int]]:
+        return [(e["request_id"], e["seq"]) for _, e, _ in self.sent]
 
 
-def test_the_leader_ends_the_open_replies_of_a_lost_node() -> None:
-    pool = _Pool("a")
-    for node in ("b", "c"):
+def test_the_leader_ends_the_claimed_replies_of_a_lost_node() -> None:
+    pool = _Pool("a", "b", "c")
+    for node in "abc":
         pool.status(node, "online")
-    pool.stream("p/pool/reply/d1/c1", "r1", "b", chunks=3)  # seq 0..3, open
-    pool.stream("p/pool/reply/d1/c2", "r2", "b", chunks=2, end=True)  # ended
-    pool.stream("p/pool/reply/d2/c1", "r3", "c", chunks=1)  # another node's, open
-    pool.stream("p/pool/reply/d2/c9", "r4", "a", chunks=1)  # our own: not watched
-    assert pool.fo.open_replies == 2
+    b, c = pool.fos["b"], pool.fos["c"]
+    b.claim("p/pool/reply/d1/c1", "r1", b"corr")  # open
+    b.claim("p/pool/reply/d1/c2", "r2", None)()  # ended: released at once
+    c.claim("p/pool/reply/d2/c1", "r3", None)  # another node's, open
+    pool.grace_ends()  # the coalesced claims messages go out
+    assert pool.fo.watched_replies == 2
     assert pool.fo.is_leader()
 
+    del pool.fos["b"]  # crashed
     pool.status("b", "offline", "connection lost")
     assert pool.sent == []  # not before the grace period
     pool.grace_ends()
@@ -187,31 +255,74 @@ def test_the_leader_ends_the_open_replies_of_a_lost_node() -> None:
     assert correlation == b"corr"
     assert error["type"] == "error"
     assert error["code"] == "node_lost"
-    assert (error["request_id"], error["seq"]) == ("r1", 4)  # right after the last seen
+    # Past any seq the reply could reach: it sorts after whatever the client saw.
+    assert (error["request_id"], error["seq"]) == ("r1", final_seq(100))
     assert "node b" in error["message"]
     assert "connection lost" in error["message"]
-    assert pool.fo.open_replies == 1  # c's reply stays open
+    assert pool.fo.watched_replies == 1  # c's reply stays claimed
+    assert FleetTopics.of(PREFIX, "b", POOL).claims("b") not in pool.retained  # cleared
+    pool.status("c", "offline", "connection lost")
+    pool.grace_ends()
+    assert pool.ended() == [("r1", final_seq(100)), ("r3", final_seq(100))]  # once each
+
+
+def test_claims_are_sent_at_once_and_their_releases_coalesced() -> None:
+    now = [0.0]
+    pool = _Pool("a", clock=lambda: now[0])
+    a = pool.fo
+    first = a.claim("t/1", "r1", None)
+    assert pool.claims_sent == 1  # before the scheduler can send `start`
+    releases = [a.claim(f"t/{i}", f"r{i}", None) for i in range(2, 6)]
+    assert pool.claims_sent == 5
+    first()
+    assert pool.claims_sent == 5  # a release within the interval: later
+    now[0] = 0.2
+    pool.grace_ends()
+    assert pool.claims_sent == 6
+    held = parse_claims(pool.retained[FleetTopics.of(PREFIX, "a", POOL).claims("a")])
+    assert held is not None
+    assert [c.request_id for c in held.replies] == ["r2", "r3", "r4", "r5"]
+    for release in releases:
+        release()
+        release()  # a second call does nothing
+    now[0] = 0.4
+    pool.grace_ends()
+    assert pool.claims_sent == 7  # four releases, one message
+    held = parse_claims(pool.retained[FleetTopics.of(PREFIX, "a", POOL).claims("a")])
+    assert held is not None and held.replies == () and a.held == 0
+
+
+def test_a_duplicate_request_is_claimed_once_and_its_release_keeps_the_original() -> None:
+    pool = _Pool("a")
+    original = pool.fo.claim("t/1", "r1", None)
+    pool.fo.claim("t/1", "r1", None)()  # the duplicate: refused, released at once
+    pool.grace_ends()
+    held = parse_claims(pool.retained[FleetTopics.of(PREFIX, "a", POOL).claims("a")])
+    assert held is not None and [c.request_id for c in held.replies] == ["r1"]
+    original()
 
 
 def test_only_the_lowest_online_node_ends_them_and_a_new_leader_catches_up() -> None:
-    pool = _Pool("b")
-    pool.status("a", "online")
-    pool.status("c", "online")
-    assert not pool.fo.is_leader()
-    pool.stream("p/pool/reply/d/c", "r1", "c", chunks=1)
+    pool = _Pool("b", "c")
+    for node in "abc":
+        pool.status(node, "online")
+    assert not pool.fos["b"].is_leader()
+    pool.fos["c"].claim("p/pool/reply/d/c", "r1", None)
+    del pool.fos["c"]
     pool.status("c", "offline", "connection lost")
     pool.grace_ends()
     assert pool.sent == []  # "a" is the leader
     pool.status("a", "offline", "connection lost")  # ... and went with it
     pool.grace_ends()
-    assert [e["request_id"] for _, e, _ in pool.sent] == ["r1"]  # "b" ends c's orphan too
+    assert pool.ended() == [("r1", final_seq(100))]  # "b" ends c's orphan too
 
 
 def test_a_broker_going_down_is_no_loss() -> None:
     # mosquitto publishes every Last Will as it shuts down; then our own link drops too.
-    pool = _Pool("a")
+    pool = _Pool("a", "b")
+    pool.status("a", "online")
     pool.status("b", "online")
-    pool.stream("p/pool/reply/d/c", "r1", "b", chunks=1)
+    pool.fos["b"].claim("p/pool/reply/d/c", "r1", None)
     pool.status("b", "offline", "connection lost")
     pool.fo.on_link_down()
     pool.grace_ends()
@@ -221,42 +332,67 @@ def test_a_broker_going_down_is_no_loss() -> None:
     pool.status("b", "online")
     pool.fo.check_losses()
     assert pool.sent == []
-    assert pool.fo.open_replies == 1
+    assert pool.fo.watched_replies == 1
 
 
 def test_a_node_back_before_the_grace_ends_still_lost_its_replies() -> None:
-    pool = _Pool("a")
+    pool = _Pool("a", "b")
+    pool.status("a", "online")
     pool.status("b", "online")
-    pool.stream("p/pool/reply/d/c", "old", "b", chunks=2)
-    pool.status("b", "offline", "connection lost")
-    pool.status("b", "starting")  # restarted at once: a new process
-    pool.status("b", "online")
-    pool.stream("p/pool/reply/d/c", "new", "b", chunks=1)
+    pool.fos["b"].claim("p/pool/reply/d/c", "old", None)
     pool.grace_ends()
-    assert [(e["request_id"], e["seq"]) for _, e, _ in pool.sent] == [("old", 3)]
-    assert pool.fo.open_replies == 1  # the new process's reply
+    pool.status("b", "offline", "connection lost")
+    pool.fos.pop("b")  # restarted at once: a new process, which finds its old claims
+    new = pool.join("b")
+    pool.status("b", "online")
+    new.claim("p/pool/reply/d/c", "new", None)
+    pool.grace_ends()
+    # Ended by the new process itself (a lone node would do the same) and by the leader, with
+    # the same seq: the client de-duplicates by (request_id, seq).
+    assert set(pool.ended()) == {("old", final_seq(100))}
+    assert pool.fo.watched_replies == 1  # the new process's reply
+
+
+def test_a_lone_node_ends_the_replies_of_its_previous_process() -> None:
+    pool = _Pool("a")
+    pool.fo.claim("p/pool/reply/d/c", "r1", b"x")
+    pool.fos.pop("a")  # crashed; nobody else in the pool
+    assert pool.sent == []
+    pool.join("a")  # restarted: its old claims are still retained
+    assert pool.ended() == [("r1", final_seq(100))]
+    held = parse_claims(pool.retained[FleetTopics.of(PREFIX, "a", POOL).claims("a")])
+    assert held is not None and held.replies == ()
+
+
+def test_a_node_whose_claims_were_cleared_while_running_says_them_again() -> None:
+    # A node only cut off (its will published, the leader ended and cleared its claims) and
+    # back: its claims must be there for the next loss.
+    pool = _Pool("a", "b")
+    pool.fos["b"].claim("p/pool/reply/d/c", "r1", None)
+    topic = FleetTopics.of(PREFIX, "b", POOL).claims("b")
+    pool._retain(topic, b"")
+    held = parse_claims(pool.retained[topic])
+    assert held is not None and [c.request_id for c in held.replies] == ["r1"]
 
 
 def test_nodes_of_other_pools_and_unknown_nodes_are_left_alone() -> None:
-    pool = _Pool("b")
+    pool = _Pool("b", "z")
     pool.status("a", "online", group="elsewhere")  # not a member: not the leader
-    assert pool.fo.is_leader()
-    pool.stream("p/pool/reply/d/c", "r1", "z", chunks=1)  # node z: status never seen
+    assert pool.fos["b"].is_leader()
+    pool.fos["z"].claim("p/pool/reply/d/c", "r1", None)  # node z: status never seen
+    del pool.fos["z"]
     pool.status("y", "offline", "connection lost")
     pool.grace_ends()
     assert pool.sent == []
-    assert pool.fo.open_replies == 1
+    assert pool.fos["b"].watched_replies == 1
 
 
-def test_open_replies_are_bounded_by_number_and_age() -> None:
-    now = [0.0]
-    pool = _Pool("a", max_open=3, max_age=10.0, clock=lambda: now[0])
-    for i in range(5):
-        pool.stream(f"p/pool/reply/d/c{i}", f"r{i}", "b", chunks=0)
-    assert pool.fo.open_replies == 3
-    now[0] = 11.0
-    pool.stream("p/pool/reply/d/late", "late", "b", chunks=0)
-    assert pool.fo.open_replies == 1
+def test_claims_on_another_nodes_topic_are_ignored() -> None:
+    pool = _Pool("a")
+    pool.status("b", "online")
+    forged = Claims("c", "boot", 9, (Claim("t", "r", None),)).encode()
+    pool.fo.on_claims("b", forged)
+    assert pool.fo.watched_replies == 0
 
 
 def test_fleet_table_shows_load_of_online_nodes_only() -> None:
@@ -341,10 +477,18 @@ def _ask(probe: Probe, message: str, to: str = POOL, **fields: Any) -> str:
     return probe.request(message, node=to, **fields)
 
 
+# The seq of another node's node_lost: past any a reply can reach (max_tokens_limit 2048).
+LOST_SEQ = final_seq(Settings().generation.max_tokens_limit)
+
+
 def _check_stream(msgs: list[dict[str, Any]]) -> None:
-    assert [m["seq"] for m in msgs] == list(range(len(msgs))), msgs
-    assert msgs[-1]["type"] in ENDS
-    assert all(m["type"] not in ENDS for m in msgs[:-1])
+    """Numbered from 0 without a gap up to its end; a node_lost after whatever was seen."""
+    *body, last = msgs
+    assert [m["seq"] for m in body] == list(range(len(body))), msgs
+    assert last["type"] in ENDS
+    assert all(m["type"] not in ENDS for m in body)
+    expected = LOST_SEQ if last.get("code") == "node_lost" else len(body)
+    assert last["seq"] == expected, msgs
 
 
 def _drain(probe: Probe) -> list[tuple[str, dict[str, Any], Any]]:
@@ -540,7 +684,7 @@ def test_node_killed_midway_no_pooled_request_is_silently_lost(
         assert set(outcomes) <= {"done", "node_lost"}, outcomes
         assert outcomes["node_lost"] >= 1, outcomes  # node-a held some when it died
         for msgs in replies.values():
-            _check_stream(msgs)  # node_lost comes right after the last message seen
+            _check_stream(msgs)  # node_lost sorts after the last message seen
             if msgs[-1]["type"] == "error":
                 assert msgs[0]["node"] == "node-a"
                 assert "node-a" in msgs[-1]["message"]
@@ -553,6 +697,64 @@ def test_node_killed_midway_no_pooled_request_is_silently_lost(
     finally:
         for d in nodes:
             d.stop(signal.SIGKILL)
+
+
+def test_a_node_receives_nothing_of_another_nodes_reply(tmp_path: Path) -> None:
+    """What a node receives does not grow with its pool's tokens: while one node streams a
+    long pooled reply, mosquitto sends its chunks to the client and to no node. Counted by the
+    broker itself ($SYS): every PUBLISH it sent, against the chunks the client got."""
+    broker = Broker(tmp_path / "broker", extra_conf="sys_interval 1")
+    broker.start()
+    nodes = [
+        Daemon(
+            tmp_path / name,
+            broker,
+            Path("fake://20ms"),  # no model: a token every 20 ms
+            QWEN_EDGE_NODE_ID=name,
+            QWEN_EDGE_FLEET__STATS_INTERVAL="0",
+        )
+        for name in ("node-a", "node-b")
+    ]
+    events: queue.Queue[tuple[float, str, bytes]] = queue.Queue()
+    dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="counter", protocol=paho.MQTTv5)
+    dev.on_message = lambda c, u, m: events.put((time.monotonic(), m.topic, m.payload))
+    try:
+        for d in nodes:
+            d.start()
+        dev.connect("127.0.0.1", broker.port)
+        dev.loop_start()
+        dev.subscribe(f"{PREFIX}/{POOL}/reply/counter/#", qos=1)
+        dev.subscribe("$SYS/broker/publish/messages/sent")
+        time.sleep(1.0)
+        body = {"request_id": "long", "message": "Go on.", "max_tokens": 500}
+        dev.publish(f"{PREFIX}/{POOL}/request/counter", json.dumps(body), qos=1)
+        samples: list[tuple[float, int]] = []  # (arrival, PUBLISH packets sent so far)
+        chunks: list[float] = []  # arrival of each chunk
+        final: float | None = None
+        while final is None or samples[-1][0] < final:
+            at, topic, payload = events.get(timeout=60)
+            if topic.startswith("$SYS"):
+                samples.append((at, int(payload)))
+            elif (message := json.loads(payload))["type"] == "chunk":
+                chunks.append(at)
+            elif message["type"] in ENDS:
+                assert message["type"] == "done", message["message"]
+                final = at
+        # Between the first and the last count taken while the reply streamed.
+        assert chunks, "no chunk: the reply ended at once"
+        inside = [s for s in samples if chunks[0] < s[0] < final]
+        assert len(inside) >= 2, (samples, chunks[0], final)
+        (t0, sent0), (t1, sent1) = inside[0], inside[-1]
+        got = sum(1 for at in chunks if t0 < at <= t1)
+        others = len(inside) - 1  # the $SYS counts themselves, sent to this client
+        # Before: every chunk went to both nodes' pool links too, three times the client's.
+        assert sent1 - sent0 - others <= got + 5, (sent1 - sent0, got)
+    finally:
+        dev.disconnect()
+        dev.loop_stop()
+        for d in nodes:
+            d.stop()
+        broker.stop()
 
 
 def test_node_stopped_midway_drains_and_the_pool_goes_on(
@@ -663,7 +865,7 @@ def test_fleet_on_the_production_broker_lets_devices_and_nodes_do_their_jobs(
         with pytest.raises(queue.Empty):
             dev1.messages.get(timeout=2)
 
-        # Failover under the ACL: a node reads the pool's replies and writes node_lost.
+        # Failover under the ACL: a node writes its claims, reads the others', writes node_lost.
         long = [dev1.ask(POOL, max_tokens=40, message="Write a long story.") for _ in range(6)]
         victim = "node-b"
         deadline = time.monotonic() + 60
