@@ -33,6 +33,7 @@ from qwen_edge.client import (
     Reply,
     _Arrived,
     _Exchange,
+    _Pins,
 )
 from qwen_edge.protocol import parse_reply
 
@@ -423,12 +424,15 @@ class _NoCore:
 
 
 def _exchange(node: str | None = NODE) -> tuple[_Exchange, _NoCore, list[int]]:
-    c = EdgeClient(client_id="unit", node=node)
     core = _NoCore()
-    c._core = core  # type: ignore[assignment]
+    pins = _Pins(core, node, "pool")  # type: ignore[arg-type]
     restarts: list[int] = []
     ex = _Exchange(
-        c, {"conversation_id": "c", "message": "m"}, lambda i: None, lambda: restarts.append(1)
+        core,  # type: ignore[arg-type]
+        pins,
+        {"conversation_id": "c", "message": "m"},
+        lambda i: None,
+        lambda: restarts.append(1),
     )
     ex.send()
     return ex, core, restarts
