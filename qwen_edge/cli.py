@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_chat(sub, parents)
     _add_tools(sub, parents)
 
-    from .models import add_parser as add_model_parser
+    from .tools.models import add_parser as add_model_parser
 
     add_model_parser(sub, parents)
     return parser
@@ -121,11 +121,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (a return per command)
     args = parse_args(argv)
     if args.command == "doctor":  # reports a bad configuration itself, among its checks
-        from .doctor import run_doctor
+        from .tools.doctor import run_doctor
 
         return run_doctor(args)
     if args.command == "homeassistant" and args.secrets is not None:
-        from .doctor import use_secrets
+        from .tools.doctor import use_secrets
 
         use_secrets(args.secrets)  # the broker password of the service
     settings = _settings(args)
@@ -133,24 +133,24 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 (a return per c
         print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
         return 0
     if args.command == "chat":
-        from .chat import run_chat
+        from .tools.chat import run_chat
 
         return run_chat(settings, args)
     if args.command == "fleet":
-        from .fleet import run_fleet
+        from .tools.fleet import run_fleet
 
         return run_fleet(settings, args)
     if args.command == "homeassistant":
-        from .homeassistant import run_homeassistant
+        from .node.homeassistant import run_homeassistant
 
         return run_homeassistant(settings, args)
     if args.command == "model":
-        from .models import run_model
+        from .tools.models import run_model
 
         return run_model(settings, args)
 
     from . import logs
-    from .service import Service
+    from .node.service import Service
 
     logs.configure(settings.service.log_format, settings.service.log_level)
     return Service(settings).run()

@@ -100,7 +100,7 @@ class ChatRequest(BaseModel):
         # Converted here, so that a schema the grammar cannot enforce is refused before the
         # request is accepted. Imported late: the grammar needs llama.cpp, and this module
         # must stay importable without it.
-        from .grammar import UnsupportedSchema, grammar_for
+        from .node.grammar import UnsupportedSchema, grammar_for
 
         try:
             grammar_for(value)

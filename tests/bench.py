@@ -113,7 +113,7 @@ class Ceiling:
     def __init__(self, model: Path, threads: int) -> None:
         import llama_cpp
 
-        from qwen_edge.engine import quiet_llama_logs
+        from qwen_edge.node.engine import quiet_llama_logs
 
         self.ll = llama_cpp
         quiet_llama_logs()

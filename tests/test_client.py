@@ -566,7 +566,7 @@ def test_client_installs_and_chats_without_the_node_extra(
     )
     assert install.returncode == 0, install.stderr
     probe = (
-        "import sys, qwen_edge.client, qwen_edge.cli, qwen_edge.chat\n"
+        "import sys, qwen_edge.client, qwen_edge.cli, qwen_edge.tools.chat\n"
         "import importlib.util as u\n"
         "print(u.find_spec('llama_cpp') is None, u.find_spec('systemd') is None,"
         " [m for m in sys.modules if m.startswith(('llama_cpp', 'systemd'))])\n"

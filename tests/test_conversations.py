@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_edge import conversations
-from qwen_edge.conversations import (
+from qwen_edge.node import conversations
+from qwen_edge.node.conversations import (
     ContextOverflow,
     ConversationStore,
     build_messages,
@@ -156,7 +156,7 @@ def test_fit_matches_a_linear_search_for_the_longest_fitting_history(
 
 
 class Clock:
-    """A stand-in for the time module as seen by qwen_edge.conversations."""
+    """A stand-in for the time module as seen by qwen_edge.node.conversations."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from qwen_edge.doctor import (
+from qwen_edge.protocol import Status
+from qwen_edge.settings import ModelSettings, Settings
+from qwen_edge.tools.doctor import (
     BrokerSession,
     Level,
     ModelFacts,
@@ -30,8 +32,6 @@ from qwen_edge.doctor import (
     read_env_file,
     unit_memory_max,
 )
-from qwen_edge.protocol import Status
-from qwen_edge.settings import ModelSettings, Settings
 
 from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
 

@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from qwen_edge.statestore import StateStore
+from qwen_edge.node.statestore import StateStore
 
 from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, reply_text
 

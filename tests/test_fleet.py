@@ -27,8 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from qwen_edge.failover import Failover
-from qwen_edge.fleet import NodeView, table
+from qwen_edge.node.failover import Failover
+from qwen_edge.node.replies import ReplyStream
 from qwen_edge.protocol import (
     MAX_CLAIMS,
     Claim,
@@ -46,8 +46,8 @@ from qwen_edge.protocol import (
     parse_claims,
     parse_node_topic,
 )
-from qwen_edge.replies import ReplyStream
 from qwen_edge.settings import ConfigError, Settings, load_settings
+from qwen_edge.tools.fleet import NodeView, table
 
 from .conftest import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 

@@ -21,7 +21,7 @@ import jinja2
 import pytest
 
 from qwen_edge import settings as settings_module
-from qwen_edge.homeassistant import (
+from qwen_edge.node.homeassistant import (
     ENTITIES,
     RECORD_FILE,
     Announcer,

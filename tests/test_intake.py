@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from qwen_edge.intake import Intake
-from qwen_edge.journal import RequestJournal
-from qwen_edge.limits import ClientLimits
-from qwen_edge.mqtt import Inbound
+from qwen_edge.node.intake import Intake
+from qwen_edge.node.journal import RequestJournal
+from qwen_edge.node.limits import ClientLimits
+from qwen_edge.node.link import Inbound
+from qwen_edge.node.scheduler import Job
+from qwen_edge.node.statestore import StateStore
 from qwen_edge.protocol import ErrorCode, FinishReason, Topics
-from qwen_edge.scheduler import Job
 from qwen_edge.settings import LimitSettings
-from qwen_edge.statestore import StateStore
 
 TOPICS = Topics("edge", "pi")
 MAX_PAYLOAD = 4096

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-from qwen_edge.kvstore import KvStore, SavedSequence
+from qwen_edge.node.kvstore import KvStore, SavedSequence
 
 
 def saved(size: int, tokens: tuple[int, ...] = (1, 2, 3)) -> SavedSequence:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_edge.limits import Admission, ClientLimits, Refusal
+from qwen_edge.node.limits import Admission, ClientLimits, Refusal
 from qwen_edge.protocol import ErrorCode
 from qwen_edge.settings import LimitSettings
 

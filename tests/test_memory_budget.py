@@ -1,4 +1,4 @@
-"""model.memory_mb: what a node runs within a memory budget (qwen_edge/budget.py), and a real
+"""model.memory_mb: what a node runs within a memory budget (qwen_edge/node/budget.py), and a real
 daemon that honours it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qwen_edge.budget import (
+from qwen_edge.node.budget import (
     MIB,
     MIN_CTX,
     RUNTIME_OVERHEAD,
@@ -17,8 +17,8 @@ from qwen_edge.budget import (
     kv_cache_bytes,
     plan_memory,
 )
-from qwen_edge.doctor import ModelFacts, check_memory, meminfo
 from qwen_edge.settings import ModelSettings
+from qwen_edge.tools.doctor import ModelFacts, check_memory, meminfo
 
 from .conftest import QWEN_TINY, Broker, Daemon
 from .test_doctor import doctor

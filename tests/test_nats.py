@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from qwen_edge.mqtt import REFUSED_AFTER
+from qwen_edge.node.link import REFUSED_AFTER
 
 from .harness import NODE, PREFIX, SMOLLM, Daemon, free_port, wait_port
 

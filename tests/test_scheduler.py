@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from qwen_edge.conversations import ConversationStore
+from qwen_edge.node.conversations import ConversationStore
+from qwen_edge.node.replies import ReplyStream
+from qwen_edge.node.scheduler import Job, Scheduler
 from qwen_edge.protocol import ChatRequest, ErrorCode
-from qwen_edge.replies import ReplyStream
-from qwen_edge.scheduler import Job, Scheduler
 from qwen_edge.settings import GenerationSettings
 
 from .fakes import FakeEngine

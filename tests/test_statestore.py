@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from qwen_edge import conversations, statestore
-from qwen_edge.conversations import ConversationStore
-from qwen_edge.journal import RequestJournal
+from qwen_edge.node import conversations, statestore
+from qwen_edge.node.conversations import ConversationStore
+from qwen_edge.node.journal import RequestJournal
+from qwen_edge.node.replies import ReplyStream
+from qwen_edge.node.statestore import FILE_NAME, Outcome, StateStore, state_directory
 from qwen_edge.protocol import ErrorCode, FinishReason
-from qwen_edge.replies import ReplyStream
-from qwen_edge.statestore import FILE_NAME, Outcome, StateStore, state_directory
 
 TOPIC = "qwen-edge/n/request/dev1"
 
@@ -100,7 +100,7 @@ def test_conversations_are_bounded_by_age_and_count_on_load(tmp_path: Path) -> N
 
 
 class Ticks:
-    """time.time for qwen_edge.statestore: one tick further on every call."""
+    """time.time for qwen_edge.node.statestore: one tick further on every call."""
 
     def __init__(self) -> None:
         self.now = 1_000_000.0

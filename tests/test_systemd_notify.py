@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_edge import systemd_notify
+from qwen_edge.node import systemd_notify
 
 pytestmark = pytest.mark.unit
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "qwen-edge.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "config.example.toml"
 INSTALLED_BINARY = "/opt/qwen-edge/venv/bin/qwen-edge"
-EXIT_MODEL = 3  # qwen_edge.service.EXIT_MODEL (importing service would load llama.cpp)
+EXIT_MODEL = 3  # qwen_edge.node.service.EXIT_MODEL (importing service would load llama.cpp)
 MAX_EXPOSURE = 2.0
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_edge.engine import StopStrings, TextAssembler
+from qwen_edge.node.engine import StopStrings, TextAssembler
+from qwen_edge.node.replies import ReplyStream
 from qwen_edge.protocol import ErrorCode, FinishReason
-from qwen_edge.replies import ReplyStream
 
 PROPERTY = settings(max_examples=200, deadline=None)
 

@@ -27,10 +27,10 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
-from . import mqttclient
-from .budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
-from .protocol import NodeState, Status, Topics
-from .settings import (
+from .. import mqttclient
+from ..node.budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
+from ..protocol import NodeState, Status, Topics
+from ..settings import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_MODELS_DIR,
     DEFAULT_STATE_DIR,
@@ -40,7 +40,7 @@ from .settings import (
     Settings,
     load_settings,
 )
-from .tls import client_context
+from ..tls import client_context
 
 EXIT_FAILED = 1
 MIB = 1024 * 1024
@@ -333,8 +333,8 @@ def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
     metadata and vocabulary without loading weights."""
     import llama_cpp
 
-    from .engine import llama_errors
-    from .modelfile import ModelError, verify_model_file
+    from ..node.engine import llama_errors
+    from ..node.modelfile import ModelError, verify_model_file
 
     verify_model_file(path, sha256=sha256)
     with llama_errors() as load_errors:
@@ -367,7 +367,7 @@ def read_model(path: Path, sha256: str | None = None) -> ModelFacts:
 
 
 def check_model(model: ModelSettings) -> tuple[Check, ModelFacts | None]:
-    from .modelfile import ModelError
+    from ..node.modelfile import ModelError
 
     fix = (
         "put the GGUF model there or set [model] path (QWEN_EDGE_MODEL__PATH); "

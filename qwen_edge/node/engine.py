@@ -22,11 +22,11 @@ import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from ..settings import ModelSettings
 from .budget import MIB, BudgetError, MemoryPlan, plan_memory
 from .modelfile import ModelError
-from .settings import ModelSettings
 
-log = structlog.get_logger("qwen_edge.engine")
+log = structlog.get_logger("qwen_edge.node.engine")
 
 # Qwen2.5's own template, used only when a GGUF file carries none.
 CHATML_TEMPLATE: Final = (

@@ -31,10 +31,10 @@ from typing import Final
 
 import structlog
 
-from .protocol import Claim, Claims, Status, node_lost, parse_claims
+from ..protocol import Claim, Claims, Status, node_lost, parse_claims
 from .replies import Publish
 
-log = structlog.get_logger("qwen_edge.failover")
+log = structlog.get_logger("qwen_edge.node.failover")
 
 LOSS_GRACE: Final = 2.0  # seconds this node's own link must stay up after another's loss
 CLAIM_INTERVAL: Final = 0.2  # seconds between two claims messages of this node, at least

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .settings import ModelSettings
+from ..settings import ModelSettings
 
 MIB: Final = 1024 * 1024
 # What the daemon holds beyond the model file, the KV cache and the kept-KV store, measured on the

@@ -18,14 +18,14 @@ from collections.abc import Callable
 
 import structlog
 
+from ..protocol import FleetTopics, NodeState, PoolProbe, Stats, Status, Topics
+from ..settings import Settings
 from . import systemd_notify
 from .homeassistant import Announcer
-from .mqtt import MqttLink
-from .protocol import FleetTopics, NodeState, PoolProbe, Stats, Status, Topics
+from .link import MqttLink
 from .scheduler import Scheduler
-from .settings import Settings
 
-log = structlog.get_logger("qwen_edge.health")
+log = structlog.get_logger("qwen_edge.node.health")
 
 # Seconds the pool probe may take to come back through the shared subscription (milliseconds on
 # a working broker) before the node gives up the pool.

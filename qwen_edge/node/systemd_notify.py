@@ -14,7 +14,7 @@ import socket
 
 import structlog
 
-log = structlog.get_logger("qwen_edge.systemd_notify")
+log = structlog.get_logger("qwen_edge.node.systemd_notify")
 
 _warned = False
 

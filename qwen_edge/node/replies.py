@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .protocol import (
+from ..protocol import (
     ChunkEncoder,
     DoneMessage,
     ErrorCode,

@@ -16,9 +16,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from . import mqttclient
-from .protocol import Stats, Status, WatchKind, node_filters, parse_node_topic
-from .settings import Settings
+from .. import mqttclient
+from ..protocol import Stats, Status, WatchKind, node_filters, parse_node_topic
+from ..settings import Settings
 
 
 @dataclass(slots=True)

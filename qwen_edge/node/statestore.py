@@ -28,9 +28,9 @@ from typing import TypeVar
 
 import structlog
 
-from .settings import DEFAULT_STATE_DIR
+from ..settings import DEFAULT_STATE_DIR
 
-log = structlog.get_logger("qwen_edge.statestore")
+log = structlog.get_logger("qwen_edge.node.statestore")
 
 FILE_NAME = "history.db"
 SCHEMA_VERSION = 1

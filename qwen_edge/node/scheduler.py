@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from ..protocol import ChatRequest, ErrorCode, FinishReason
+from ..settings import GenerationSettings
 from .conversations import (
     ContextOverflow,
     ConversationKey,
@@ -26,11 +28,9 @@ from .engine import DecodeError, EngineLike, GrammarError, Row, SamplingParams
 from .generation import Generation
 from .grammar import grammar_for
 from .kvstore import Slot, Slots
-from .protocol import ChatRequest, ErrorCode, FinishReason
 from .replies import ReplyStream
-from .settings import GenerationSettings
 
-log = structlog.get_logger("qwen_edge.scheduler")
+log = structlog.get_logger("qwen_edge.node.scheduler")
 
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between heartbeats
 

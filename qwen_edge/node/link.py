@@ -29,10 +29,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from . import mqttclient
-from .settings import MqttSettings
+from .. import mqttclient
+from ..settings import MqttSettings
 
-log = structlog.get_logger("qwen_edge.mqtt")
+log = structlog.get_logger("qwen_edge.node.link")
 
 # How long the broker keeps the daemon's session (its subscriptions and queued QoS 1 requests)
 # while the daemon is away, e.g. during a restart.

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .protocol import ErrorCode
+from ..protocol import ErrorCode
 from .statestore import InboxEntry, Outcome, StateStore
 
 # What admit() decided: a finished request's Outcome (a duplicate: replay it), else submit()'s

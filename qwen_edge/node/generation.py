@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ..protocol import FinishReason
 from .engine import StopStrings, TextAssembler, TokenSampler
-from .protocol import FinishReason
 
 if TYPE_CHECKING:
     from .scheduler import Job
 
-log = structlog.get_logger("qwen_edge.scheduler")
+log = structlog.get_logger("qwen_edge.node.scheduler")
 
 
 class Generation:

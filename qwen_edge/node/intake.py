@@ -18,11 +18,7 @@ from typing import Protocol
 
 import structlog
 
-from .failover import Failover
-from .journal import RequestJournal
-from .limits import ClientLimits, Refusal
-from .mqtt import Inbound
-from .protocol import (
+from ..protocol import (
     PROBE_CLIENT,
     ChatRequest,
     ErrorCode,
@@ -35,11 +31,15 @@ from .protocol import (
     parse_cancel,
     parse_request,
 )
+from .failover import Failover
+from .journal import RequestJournal
+from .limits import ClientLimits, Refusal
+from .link import Inbound
 from .replies import Publish, ReplyStream
 from .scheduler import Job
 from .statestore import Outcome
 
-log = structlog.get_logger("qwen_edge.intake")
+log = structlog.get_logger("qwen_edge.node.intake")
 
 # What the scheduler's refusals tell the client.
 REFUSED = {

@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from ..settings import ModelSettings
 from .budget import MemoryPlan
 from .engine import Row, SamplingParams
-from .settings import ModelSettings
 
 # pathlib folds "fake://40ms" into "fake:/40ms"; accept either.
 _FAKE_PATH: Final = re.compile(r"fake:/{0,2}(\d+(?:\.\d+)?)ms")

@@ -43,8 +43,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import http_get
 from tqdm import tqdm
 
+from ..node.modelfile import ModelError, ModelFileInfo, file_kind, verify_open_model
 from .catalog import CatalogModel
-from .modelfile import ModelError, ModelFileInfo, file_kind, verify_open_model
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PARTIAL_SUFFIX = ".partial"

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from .protocol import ErrorCode
-from .settings import LimitSettings
+from ..protocol import ErrorCode
+from ..settings import LimitSettings
 
-log = structlog.get_logger("qwen_edge.limits")
+log = structlog.get_logger("qwen_edge.node.limits")
 
 # Buckets kept; beyond it the client heard from least recently loses its bucket (and gets a fresh
 # one, i.e. its burst back, if it returns). ~100 bytes each.

@@ -28,7 +28,7 @@ from .engine import EngineLike
 if TYPE_CHECKING:
     from .generation import Generation
 
-log = structlog.get_logger("qwen_edge.scheduler")
+log = structlog.get_logger("qwen_edge.node.scheduler")
 
 KV_SAVE_MIN_TOKENS = 64  # shorter sequences are cheaper to recompute than to keep
 

@@ -12,9 +12,9 @@ import getpass
 import sys
 from typing import Any
 
-from .client import EdgeClient, EdgeError, Reply, Stream
-from .protocol import NodeState
-from .settings import Settings
+from ..client import EdgeClient, EdgeError, Reply, Stream
+from ..protocol import NodeState
+from ..settings import Settings
 
 
 def _note(reply: Reply, pooled: bool) -> str:

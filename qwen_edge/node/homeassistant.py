@@ -22,10 +22,10 @@ from typing import Any
 
 import structlog
 
-from .protocol import Topics, encode
-from .settings import Settings
+from ..protocol import Topics, encode
+from ..settings import Settings
 
-log = structlog.get_logger("qwen_edge.homeassistant")
+log = structlog.get_logger("qwen_edge.node.homeassistant")
 
 RECORD_FILE = "homeassistant.json"  # in the state directory: the config topics announced
 MANUFACTURER = "qwen-edge"
@@ -260,7 +260,7 @@ def run_homeassistant(settings: Settings, args: argparse.Namespace) -> int:
     this node's configs (those its settings name and those its record names) and forget the
     record: for scripts/install --uninstall, with the node stopped. Without a record and with
     the feature off there is nothing to remove, and no broker traffic."""
-    from . import mqttclient
+    from .. import mqttclient
     from .statestore import state_directory
 
     if not args.remove:

@@ -26,6 +26,8 @@ from types import FrameType
 
 import structlog
 
+from ..protocol import FleetTopics, NodeState, Topics, final_seq
+from ..settings import Settings
 from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine
@@ -36,14 +38,12 @@ from .homeassistant import Announcer, package_version
 from .intake import Intake
 from .journal import RequestJournal
 from .limits import ClientLimits
+from .link import Inbound, MqttLink, Subscription
 from .modelfile import ModelError, verify_model_file
-from .mqtt import Inbound, MqttLink, Subscription
-from .protocol import FleetTopics, NodeState, Topics, final_seq
 from .scheduler import Scheduler
-from .settings import Settings
 from .statestore import StateStore, state_directory
 
-log = structlog.get_logger("qwen_edge.service")
+log = structlog.get_logger("qwen_edge.node.service")
 
 EXIT_OK = 0
 EXIT_MODEL = 3  # systemd: RestartPreventExitStatus=3, a bad model file will not get better

@@ -17,10 +17,10 @@ from typing import Any
 import tomlkit
 from tomlkit.items import Table
 
+from ..node.modelfile import ModelError, ModelFileInfo, file_sha256, verify_model_file
+from ..settings import DEFAULT_CONFIG_FILE, ConfigError, Settings, load_settings
 from .catalog import CatalogError, CatalogModel, find, load_catalog
 from .hub import PullError, partial_path, pull
-from .modelfile import ModelError, ModelFileInfo, file_sha256, verify_model_file
-from .settings import DEFAULT_CONFIG_FILE, ConfigError, Settings, load_settings
 
 EXIT_FAILED = 1
 EXIT_MODEL = 3  # as the daemon's: the model file is unusable

@@ -1,0 +1,1 @@
+"""The command-line tools beside the node: chat, fleet, doctor, model."""
