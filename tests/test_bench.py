@@ -55,7 +55,7 @@ def test_quick_bench_reports_every_figure_over_three_rounds(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_fleet_bench_counts_every_pooled_reply_message_at_every_node(tmp_path: Path) -> None:
+def test_fleet_bench_shows_nodes_receive_claims_not_each_others_tokens(tmp_path: Path) -> None:
     report, stdout = run_bench(
         tmp_path, "--fleet", "--fleet-sizes", "1", "2", "--fleet-slots", "2",
         "--fleet-interval", "50", "--fleet-window", "3",
@@ -64,10 +64,11 @@ def test_fleet_bench_counts_every_pooled_reply_message_at_every_node(tmp_path: P
     assert set(by_size) == {1, 2}
     for n, s in by_size.items():
         assert sum(s["busy_slots"].values()) == 2 * n
-        # Each node gets every node's replies: N x S x 20 messages/s. The fake engine paces to
-        # the millisecond; a loaded machine may fall behind, never ahead.
-        assert 0.6 * s["expected_per_node_per_s"] < s["received_per_node_per_s"]
-        assert s["received_per_node_per_s"] < 1.1 * s["expected_per_node_per_s"]
+        # Watching every node's tokens would be N x S x 20 messages/s into each node; with
+        # claims (docs/protocol.md, "Claims") a node receives only starts and ends of replies,
+        # and none start or end within the window.
+        assert s["expected_per_node_per_s"] == n * 2 * 20
+        assert s["received_per_node_per_s"] < 0.05 * s["expected_per_node_per_s"]
         assert s["cpu_percent_per_node"]["median"] > 0
     assert "msgs in/node/s" in stdout
 
