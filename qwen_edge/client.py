@@ -556,7 +556,11 @@ class _Exchange:
 class _StreamState:
     """What both kinds of stream tell about their reply."""
 
-    _exchange: _Exchange
+    def __init__(self, exchange: _Exchange, timeout: float | None) -> None:
+        self._exchange = exchange
+        self._timeout = timeout
+        # A stream dropped before its end cancels the request on the node.
+        self._finalizer = weakref.finalize(self, exchange.abandon)
 
     @property
     def request_id(self) -> str:
@@ -603,10 +607,8 @@ class Stream(_StreamState):
     def __init__(
         self, exchange: _Exchange, inbox: queue.Queue[_Item], timeout: float | None
     ) -> None:
-        self._exchange = exchange
+        super().__init__(exchange, timeout)
         self._inbox = inbox
-        self._timeout = timeout
-        self._finalizer = weakref.finalize(self, exchange.abandon)
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -642,10 +644,8 @@ class AsyncStream(_StreamState):
     def __init__(
         self, exchange: _Exchange, inbox: asyncio.Queue[_Item], timeout: float | None
     ) -> None:
-        self._exchange = exchange
+        super().__init__(exchange, timeout)
         self._inbox = inbox
-        self._timeout = timeout
-        self._finalizer = weakref.finalize(self, exchange.abandon)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
