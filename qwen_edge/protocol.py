@@ -504,6 +504,10 @@ class _ReplyMessage(BaseModel):
     request_id: str | None  # None: an error for a request whose id could not be read
     seq: Annotated[int, Field(ge=0)]
 
+    def _encode(self, kind: str, **fields: Any) -> bytes:
+        """The message on the wire: type, request_id and seq first, then its own fields."""
+        return encode({"type": kind, "request_id": self.request_id, "seq": self.seq, **fields})
+
 
 class StartMessage(_ReplyMessage):
     type: Literal["start"] = "start"
@@ -511,15 +515,7 @@ class StartMessage(_ReplyMessage):
     model: str = ""
 
     def encode(self) -> bytes:
-        return encode(
-            {
-                "type": "start",
-                "request_id": self.request_id,
-                "seq": self.seq,
-                "node": self.node,
-                "model": self.model,
-            }
-        )
+        return self._encode("start", node=self.node, model=self.model)
 
 
 class ChunkMessage(_ReplyMessage):
@@ -566,15 +562,8 @@ class DoneMessage(_ReplyMessage):
         )
 
     def encode(self) -> bytes:
-        return encode(
-            {
-                "type": "done",
-                "request_id": self.request_id,
-                "seq": self.seq,
-                "finish_reason": self.finish_reason,
-                "usage": self.usage,
-                "timings": self.timings,
-            }
+        return self._encode(
+            "done", finish_reason=self.finish_reason, usage=self.usage, timings=self.timings
         )
 
 
@@ -585,16 +574,8 @@ class ErrorMessage(_ReplyMessage):
     retry_after: Number | None = None  # seconds, for rate_limited
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
-            "type": "error",
-            "request_id": self.request_id,
-            "seq": self.seq,
-            "code": self.code,
-            "message": self.message,
-        }
-        if self.retry_after is not None:
-            body["retry_after"] = self.retry_after
-        return encode(body)
+        extra = {} if self.retry_after is None else {"retry_after": self.retry_after}
+        return self._encode("error", code=self.code, message=self.message, **extra)
 
 
 ReplyMessage = StartMessage | ChunkMessage | DoneMessage | ErrorMessage
