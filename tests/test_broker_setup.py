@@ -40,9 +40,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def broker_setup(*args: str) -> subprocess.CompletedProcess[str]:
+def broker_setup(
+    *args: str, passwords: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """scripts/broker-setup ARGS, with `passwords` as USER:PASS lines on its stdin."""
+    lines = "".join(f"{user}:{password}\n" for user, password in (passwords or {}).items())
+    if passwords is not None:
+        args = (*args, "--passwords", "-")
     return subprocess.run(
-        [str(BROKER_SETUP), *args], capture_output=True, text=True, timeout=120, check=False
+        [str(BROKER_SETUP), *args],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -53,11 +64,14 @@ class SetupBroker(Broker):
         self.port = free_port()
         self.workdir = workdir
         self.proc = None
-        args = ["--dir", str(workdir), "--port", str(self.port), "--daemon", ":".join(DAEMON)]
-        for user, password in PASSWORDS.items():
-            args += ["--device", f"{user}:{password}"]
-        args += ["--homeassistant", ":".join(HOME_ASSISTANT)]
-        done = broker_setup(*args)
+        args = ["--dir", str(workdir), "--port", str(self.port), "--daemon", DAEMON[0]]
+        for user in PASSWORDS:
+            args += ["--device", user]
+        args += ["--homeassistant", HOME_ASSISTANT[0]]
+        done = broker_setup(
+            *args,
+            passwords={**PASSWORDS, DAEMON[0]: DAEMON[1], HOME_ASSISTANT[0]: HOME_ASSISTANT[1]},
+        )
         assert done.returncode == 0, done.stderr
         self.conf = workdir / "mosquitto.conf"
 
@@ -385,7 +399,9 @@ def test_setup_bounds_broker_memory_in_its_config(setup_broker: SetupBroker) -> 
 def test_a_device_added_and_removed_on_the_running_broker(
     setup_broker: SetupBroker, node: Daemon, connect: Any
 ) -> None:
-    added = broker_setup("--dir", str(setup_broker.workdir), "--add-device", "devD:pw-devD")
+    added = broker_setup(
+        "--dir", str(setup_broker.workdir), "--add-device", "devD", passwords={"devD": "pw-devD"}
+    )
     assert added.returncode == 0, added.stderr
     device = connect("devD", password="pw-devD")
     assert device.connack == 0
@@ -407,14 +423,22 @@ def test_a_device_added_and_removed_on_the_running_broker(
 
 def test_setup_refuses_a_directory_it_already_made(setup_broker: SetupBroker) -> None:
     again = broker_setup(
-        "--dir", str(setup_broker.workdir), "--port", "1", "--daemon", "a:b", "--device", "c:d"
+        "--dir",
+        str(setup_broker.workdir),
+        *("--port", "1", "--daemon", "a", "--device", "c"),
+        passwords={"a": "b", "c": "d"},
     )
     assert again.returncode == 2 and "--add-device" in again.stderr
-    bad = broker_setup("--dir", str(setup_broker.workdir / "x"), "--port", "1", "--daemon", "a/b:c")
+    bad = broker_setup(
+        "--dir", str(setup_broker.workdir / "x"), "--port", "1", "--daemon", "a/b", passwords={}
+    )
     assert bad.returncode == 2 and "bad account name" in bad.stderr
     # A device bound to a node's client id could take over the node's session.
     node_named = str(setup_broker.workdir / "y")
     nodelike = broker_setup(
-        "--dir", node_named, "--port", "1", "--daemon", "a:b", "--device", f"qwen-edge-{NODE}:pw"
+        "--dir",
+        node_named,
+        *("--port", "1", "--daemon", "a", "--device", f"qwen-edge-{NODE}"),
+        passwords={"a": "b", f"qwen-edge-{NODE}": "pw"},
     )
     assert nodelike.returncode == 2 and not Path(node_named).exists(), nodelike.stderr

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-import paho.mqtt.client as paho
 from pydantic import SecretStr
 
 from .. import mqttclient
@@ -139,7 +138,9 @@ def check_device(user: str) -> str:
     """A device is bound to client id `user`: named like a node's, it could take its session."""
     check_account(user)
     if user.startswith("qwen-edge-"):
-        raise SetupError(f"device '{user}': names starting with qwen-edge- are the nodes' client ids")
+        raise SetupError(
+            f"device '{user}': names starting with qwen-edge- are the nodes' client ids"
+        )
     return user
 
 
@@ -160,8 +161,8 @@ def read_passwords(source: str) -> dict[str, str]:
 
 def parse_passwords(lines: IO[str]) -> dict[str, str]:
     found: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
-        line = line.rstrip("\r\n")
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         user, sep, password = line.partition(":")
@@ -269,7 +270,9 @@ class Setup:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise SetupError(f"{path}: {exc.strerror or exc}: is {directory} made by broker-setup?")
+            raise SetupError(
+                f"{path}: {exc.strerror or exc}: is {directory} made by broker-setup?"
+            ) from exc
         values: dict[str, str] = {}
         for line in text.splitlines():
             key, sep, value = line.partition("=")
@@ -425,8 +428,8 @@ def ensure_sweeper(setup: Setup, control: Control) -> None:
         return
     password = new_password()
     control.run(
-        role_commands("qwen-edge-sweeper", role_acls(setup.names)["qwen-edge-sweeper"])
-        + [
+        [
+            *role_commands("qwen-edge-sweeper", role_acls(setup.names)["qwen-edge-sweeper"]),
             {"command": "createClient", "username": SWEEPER_USER, "password": password},
             {"command": "addClientRole", "username": SWEEPER_USER, "rolename": "qwen-edge-sweeper"},
         ],

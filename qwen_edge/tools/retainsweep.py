@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Final
+from typing import Any, Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -34,7 +34,7 @@ def filters(prefix: str) -> tuple[str, str]:
 
 def _subscriptions(prefix: str, *, no_local: bool) -> list[tuple[str, SubscribeOptions]]:
     # retainHandling 0: the broker sends every retained message, also on a repeated SUBSCRIBE.
-    options = SubscribeOptions(qos=1, retainAsPublished=True, noLocal=no_local, retainHandling=0)  # type: ignore[no-untyped-call]
+    options = SubscribeOptions(qos=1, retainAsPublished=True, noLocal=no_local, retainHandling=0)
     return [(f, options) for f in filters(prefix)]
 
 
@@ -107,6 +107,8 @@ class Watcher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._announced = False
 
     def _on_connect(self, client: paho.Client, u: object, f: object, rc: object, p: object) -> None:
         if getattr(rc, "value", 1) != 0:
@@ -118,6 +120,14 @@ class Watcher:
     def resweep(self) -> None:
         """Subscribe again: the broker hands out every retained message once more."""
         self.client.subscribe(_subscriptions(self.prefix, no_local=True))
+
+    def _on_subscribe(self, client: paho.Client, u: object, mid: int, rcs: Any, p: object) -> None:
+        if any(rc.value != GRANTED_QOS1 for rc in rcs):
+            print(f"sweeper: subscription refused ({rcs})", file=sys.stderr, flush=True)
+        elif not self._announced:  # what its service's log and the tests wait for
+            self._announced = True
+            topics = " and ".join(filters(self.prefix))
+            print(f"sweeper: watching {topics}", file=sys.stderr, flush=True)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         if msg.retain and msg.payload:
@@ -136,7 +146,6 @@ def watch(mqtt: MqttSettings, prefix: str, resweep_s: float) -> None:
     watcher = Watcher(mqtt, prefix)
     mqttclient.connect(watcher.client, mqtt, background=True)
     watcher.client.loop_start()
-    print(f"sweeper: watching {' and '.join(filters(prefix))}", file=sys.stderr, flush=True)
     tick = threading.Event()
     while not tick.wait(resweep_s):  # a period, not a wait for an event: the full sweep's
         if watcher.connected.is_set():
