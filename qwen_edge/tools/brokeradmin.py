@@ -433,8 +433,9 @@ def ensure_sweeper(setup: Setup, control: Control) -> None:
             {"command": "createClient", "username": SWEEPER_USER, "password": password},
             {"command": "addClientRole", "username": SWEEPER_USER, "rolename": "qwen-edge-sweeper"},
         ],
-        tolerate="already exists",
+        tolerate="already",  # a sweeper whose password file was lost: given a new password
     )
+    control.run([{"command": "setClientPassword", "username": SWEEPER_USER, "password": password}])
     write_private(password_file, password + "\n")
 
 
