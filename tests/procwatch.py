@@ -13,7 +13,10 @@ class ProcessSampler:
     one. (environ is readable only by the process's user and root; the tests run as root and
     read every one, which is stricter than another user could.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, pause_s: float = 0.0) -> None:
+        """`pause_s` between rounds: 0 catches every process that lives a few milliseconds;
+        a little more spares the CPU during a long run (an install)."""
+        self.pause_s = pause_s
         self.seen: set[bytes] = set()
         self.rounds = 0
         self._stop = threading.Event()
@@ -32,6 +35,8 @@ class ProcessSampler:
                     except OSError:
                         continue
             self.rounds += 1
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> ProcessSampler:
         self._thread.start()
