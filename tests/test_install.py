@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -579,6 +580,8 @@ def test_prod_install_runs_the_broker_beside_debians_stock_config(tmp_path: Path
     assert owners.pop("certs/server.key") == ["root", "640"], owners
     assert owners.pop("certs/ca.key") == ["root", "600"], owners
     assert {user for user, _ in owners.values()} == {"root"}, owners
+    wants = etc / "systemd/system/multi-user.target.wants/qwen-edge-broker-sweep.service"
+    assert os.readlink(wants) == "/etc/systemd/system/qwen-edge-broker-sweep.service"
     assert "Duplicate" not in logs["mosquitto.log"]
     assert json.loads((tmp_path / "status.txt").read_text()) == {"state": "online"}
     assert "not authori" in (tmp_path / "refused.txt").read_text().lower()
@@ -587,3 +590,25 @@ def test_prod_install_runs_the_broker_beside_debians_stock_config(tmp_path: Path
     assert stat.S_IMODE((etc / "qwen-edge" / "mqtt-password").stat().st_mode) == 0o600
     snippet = (etc / "mosquitto" / "conf.d" / "qwen-edge.conf").read_text()
     assert "max_queued_bytes" in snippet and "persistence_location" not in snippet
+
+
+def test_the_broker_sweeper_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "systemd" / "qwen-edge-broker-sweep.service").read_text()
+    python = "/opt/qwen-edge/venv/bin/python"
+    assert f"ExecStart={python} -m qwen_edge.tools.brokeradmin sweep --watch" in unit
+    copy = tmp_path / "qwen-edge-broker-sweep.service"
+    copy.write_text(unit.replace(f"ExecStart={python} ", f"ExecStart={sys.executable} "))
+    env = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}
+    result = subprocess.run(
+        [analyze, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stderr
