@@ -155,3 +155,22 @@ def test_setup_env_is_parsed_never_sourced(setup_dir: Path, broker: Broker) -> N
         assert not marker.exists()
     finally:
         env.write_text(original)
+
+
+def test_a_setup_env_the_broker_user_could_change_is_not_trusted(
+    setup_dir: Path, broker: Broker
+) -> None:
+    """As in a directory an older broker-setup made: setup.env owned by the broker's user could
+    point the admin's password at another listener. Refused, naming the file."""
+    env = setup_dir / "setup.env"
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.chown(env, nobody, -1)
+    try:
+        added = subprocess.run(
+            [str(BROKER_SETUP), "--dir", str(setup_dir), "--add-device", "devD", "--passwords",
+             "-"],
+            input="devD:pw-devD\n", capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert added.returncode == 2 and "not trusted" in added.stderr, added.stderr
+    finally:
+        os.chown(env, 0, -1)

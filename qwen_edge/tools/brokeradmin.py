@@ -267,6 +267,8 @@ class Setup:
     @classmethod
     def load(cls, directory: Path) -> Setup:
         path = directory / SETUP_FILE
+        trusted(directory)
+        trusted(path)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -307,7 +309,10 @@ class Setup:
         write_private(self.directory / SETUP_FILE, "\n".join(lines) + "\n", 0o644)
 
     def mqtt(self, user: str, password_file: str) -> MqttSettings:
-        password = first_line(self.directory / password_file)
+        password = first_line(trusted(self.directory / password_file))
+        if self.tls:
+            trusted(self.directory / "certs")
+            trusted(self.directory / "certs" / "ca.crt")
         return MqttSettings(
             host=self.host,
             port=self.port,
@@ -315,6 +320,22 @@ class Setup:
             password=SecretStr(password),
             ca_file=self.directory / "certs" / "ca.crt" if self.tls else None,
         )
+
+
+def trusted(path: Path) -> Path:
+    """`path` if only root (or whoever runs this) can change it: what decides where the admin's
+    password goes, and which broker it trusts, is never the broker user's to write."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise SetupError(f"{path}: {exc.strerror or exc}: is it made by broker-setup?") from exc
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise SetupError(
+            f"{path} may be changed by another user than root (owner uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o777:o}): not trusted; made by an older broker-setup? See "
+            "docs/security.md, 'Upgrading a broker made before'"
+        )
+    return path
 
 
 def first_line(path: Path) -> str:
