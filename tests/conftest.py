@@ -50,6 +50,7 @@ __all__ = [
 # with @pytest.mark.subprocess and stays out.
 UNIT_MODULES = frozenset(
     {
+        "test_assist",
         "test_conversations",
         "test_intake",
         "test_kvstore",

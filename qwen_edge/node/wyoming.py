@@ -99,9 +99,12 @@ async def read_event(reader: asyncio.StreamReader, max_bytes: int) -> Event | No
     payload_length = _length(header, "payload_length")
     if len(line) + data_length + payload_length > max_bytes:
         raise EventError(f"event larger than {max_bytes} bytes")
-    if data_length:
-        data.update(_json_object(await reader.readexactly(data_length), "event data"))
-    payload = await reader.readexactly(payload_length) if payload_length else None
+    try:
+        if data_length:
+            data.update(_json_object(await reader.readexactly(data_length), "event data"))
+        payload = await reader.readexactly(payload_length) if payload_length else None
+    except asyncio.IncompleteReadError:
+        raise EventError("connection closed in the middle of an event") from None
     return Event(type=kind, data=data, payload=payload)
 
 
