@@ -425,7 +425,7 @@ class _Announcer:
                 port=self._port,
             )
             await self._zeroconf.async_register_service(self._info)
-        except (OSError, ValueError) as exc:  # no multicast there, a name in use, ...
+        except Exception as exc:  # no multicast there, a name in use, ...: MQTT goes on
             log.error("zeroconf_failed", address=self._host, error=str(exc))
             return
         log.info("zeroconf_announced", name=self._name, address=self._host, port=self._port)
