@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self, TypedDict
 
 from pydantic import (
     BaseModel,
@@ -114,6 +115,27 @@ class ChatRequest(BaseModel):
             _utf8_encodable(self.system)
 
 
+# A request's envelope; every other field ChatRequest declares is an option a device may set.
+REQUEST_ENVELOPE: Final = frozenset({"request_id", "conversation_id", "message"})
+REQUEST_OPTIONS: Final = frozenset(ChatRequest.model_fields) - REQUEST_ENVELOPE
+
+
+class RequestOptions(TypedDict, total=False):
+    """The options of REQUEST_OPTIONS as keyword arguments of the client's stream() and ask(),
+    for type checkers (`max_tokens` is their positional parameter). tests/unit checks that the
+    two agree, so ChatRequest stays the one declaration of the request's fields."""
+
+    system: str | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    reset: bool
+    format: str | dict[str, Any] | None
+    stop: Sequence[str] | None
+    chunk_ms: int | None
+
+
 class CancelRequest(BaseModel):
     """A cancel published to {prefix}/{node}/cancel/{client_id}."""
 
@@ -133,6 +155,7 @@ class RequestError:
     message: str
     request_id: str | None = None
     conversation_id: str | None = None
+    size: int | None = None  # too_large: the refused payload's bytes
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -177,7 +200,9 @@ def parse_request(payload: bytes, max_payload: int) -> ChatRequest | RequestErro
     """Turn a raw payload into a request or a typed error. Never raises."""
     if len(payload) > max_payload:
         return RequestError(
-            ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_payload}"
+            ErrorCode.TOO_LARGE,
+            f"payload is {len(payload)} bytes; the limit is {max_payload}",
+            size=len(payload),
         )
     try:
         return ChatRequest.model_validate_json(payload)
@@ -191,7 +216,9 @@ def parse_request(payload: bytes, max_payload: int) -> ChatRequest | RequestErro
 def parse_cancel(payload: bytes, max_payload: int) -> CancelRequest | RequestError:
     """Turn a raw cancel payload into a cancel or a typed error. Never raises."""
     if len(payload) > max_payload:
-        return RequestError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes")
+        return RequestError(
+            ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes", size=len(payload)
+        )
     try:
         return CancelRequest.model_validate_json(payload)
     except ValidationError as exc:
@@ -572,9 +599,16 @@ class ErrorMessage(_ReplyMessage):
     code: str  # an ErrorCode; a newer node may send one this version does not know
     message: str = ""
     retry_after: Number | None = None  # seconds, for rate_limited
+    # too_large: the refused payload's bytes, so that a client can tell which of its requests
+    # it was (the node could not read the request id) without reading the English message.
+    size: int | None = None
 
     def encode(self) -> bytes:
-        extra = {} if self.retry_after is None else {"retry_after": self.retry_after}
+        extra: dict[str, Any] = {}
+        if self.retry_after is not None:
+            extra["retry_after"] = self.retry_after
+        if self.size is not None:
+            extra["size"] = self.size
         return self._encode("error", code=self.code, message=self.message, **extra)
 
 

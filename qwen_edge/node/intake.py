@@ -387,7 +387,7 @@ def send_error(
     else:
         topic = topics.error(client_id)
     stream = ReplyStream(publish, topic, error.request_id, correlation)
-    stream.error(error.code, error.message)
+    stream.error(error.code, error.message, size=error.size)
     log.info("request_rejected", client_id=client_id, code=error.code.value, error=error.message)
 
 
