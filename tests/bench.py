@@ -804,7 +804,7 @@ class BrokerCounter:
 def fleet_size(n: int, slots: int, interval_ms: int, window: float, tmp: Path) -> dict[str, Any]:
     """`n` fake-engine nodes in one pool, each with `slots` replies streaming: per node, the
     messages it receives per second and its CPU time over `window` seconds."""
-    from qwen_edge.protocol import FleetTopics
+    from qwen_edge.topics import FleetTopics
 
     broker = Broker(tmp / f"broker-{n}", BENCH_CONF)
     broker.start()

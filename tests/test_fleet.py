@@ -34,20 +34,22 @@ from qwen_edge.protocol import (
     Claim,
     Claims,
     FinishReason,
-    FleetTopics,
-    InboundTopic,
     Stats,
     Status,
-    TopicKind,
-    WatchedTopic,
-    WatchKind,
     encode,
     final_seq,
     parse_claims,
-    parse_node_topic,
 )
 from qwen_edge.settings import ConfigError, Settings, load_settings
 from qwen_edge.tools.fleet import NodeView, table
+from qwen_edge.topics import (
+    FleetTopics,
+    InboundTopic,
+    TopicKind,
+    WatchedTopic,
+    WatchKind,
+    parse_node_topic,
+)
 
 from .conftest import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 

@@ -17,8 +17,9 @@ from qwen_edge.node.limits import ClientLimits
 from qwen_edge.node.link import Inbound
 from qwen_edge.node.scheduler import Job
 from qwen_edge.node.statestore import StateStore
-from qwen_edge.protocol import ErrorCode, FinishReason, Topics
+from qwen_edge.protocol import ErrorCode, FinishReason
 from qwen_edge.settings import LimitSettings
+from qwen_edge.topics import Topics
 
 TOPICS = Topics("edge", "pi")
 MAX_PAYLOAD = 4096

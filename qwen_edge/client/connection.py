@@ -18,19 +18,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .. import mqttclient
-from ..protocol import (
-    CancelRequest,
-    ErrorCode,
-    ErrorMessage,
-    ReplyMessage,
-    Status,
-    Topics,
-    WatchKind,
-    node_filters,
-    parse_node_topic,
-    parse_reply,
-)
+from ..protocol import CancelRequest, ErrorCode, ErrorMessage, ReplyMessage, Status, parse_reply
 from ..settings import MqttSettings
+from ..topics import Topics, WatchKind, node_filters, parse_node_topic
 
 # How long the broker keeps this client's session (subscriptions, reply messages queued for it)
 # while its link is down, e.g. across a broker restart. Dropped at once by close().

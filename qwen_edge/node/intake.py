@@ -18,19 +18,8 @@ from typing import Protocol
 
 import structlog
 
-from ..protocol import (
-    PROBE_CLIENT,
-    ChatRequest,
-    ErrorCode,
-    FleetTopics,
-    InboundTopic,
-    RequestError,
-    TopicKind,
-    Topics,
-    WatchKind,
-    parse_cancel,
-    parse_request,
-)
+from ..protocol import ChatRequest, ErrorCode, RequestError, parse_cancel, parse_request
+from ..topics import PROBE_CLIENT, FleetTopics, InboundTopic, TopicKind, Topics, WatchKind
 from .failover import Failover
 from .journal import RequestJournal
 from .limits import ClientLimits, Refusal
