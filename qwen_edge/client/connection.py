@@ -20,7 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from .. import mqttclient
 from ..protocol import CancelRequest, ErrorCode, ErrorMessage, ReplyMessage, Status, parse_reply
 from ..settings import MqttSettings
-from ..topics import Topics, WatchKind, node_filters, parse_node_topic
+from ..topics import Leaf, Topics, TopicTree, WatchKind, node_filters, parse_node_topic
 
 # How long the broker keeps this client's session (subscriptions, reply messages queued for it)
 # while its link is down, e.g. across a broker restart. Dropped at once by close().
@@ -226,10 +226,10 @@ class Connection:
         `size` field gives the refused payload's bytes (the node could not read its id)."""
         if not isinstance(message, ErrorMessage) or message.code != ErrorCode.TOO_LARGE:
             return []
-        head, tail = f"{self.prefix}/", f"/error/{self.client_id}"
-        if not (topic.startswith(head) and topic.endswith(tail)):
+        address = TopicTree(self.prefix).parse(topic)
+        if address is None or address.leaf is not Leaf.ERROR or address.args != (self.client_id,):
             return []
-        target = topic[len(head) : -len(tail)]
+        target = address.target
         size = message.size if message.size is not None else -1
         return [
             sink
