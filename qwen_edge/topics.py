@@ -126,6 +126,9 @@ _ARITY: Final = {
     Leaf.STATS: 0,
     Leaf.CLAIMS: 1,
 }
+# A reply's last part is the rest of the topic: an MQTT 5 response topic may be any topic in the
+# client's reply namespace ({prefix}/{target}/reply/{client_id}/...), with levels of its own.
+_OPEN_ENDED: Final = frozenset({Leaf.REPLY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,17 +171,20 @@ class TopicTree:
         head = self.prefix + "/"
         if not topic.startswith(head):
             return None
-        levels = topic[len(head) :].split("/")
-        if len(levels) < 2 or not levels[0]:
-            return None
+        target, _, rest = topic[len(head) :].partition("/")
+        name, _, rest = rest.partition("/")
         try:
-            leaf = Leaf(levels[1])
+            leaf = Leaf(name)
         except ValueError:
             return None
-        args = tuple(levels[2:])
-        if len(args) != _ARITY[leaf] or not all(args):
+        arity = _ARITY[leaf]
+        if leaf in _OPEN_ENDED:
+            args = tuple(rest.split("/", arity - 1))
+        else:
+            args = tuple(rest.split("/")) if rest else ()
+        if not target or len(args) != arity or not all(args):
             return None
-        return Address(levels[0], leaf, args)
+        return Address(target, leaf, args)
 
 
 # -- the views a node and a client use ------------------------------------------------------------

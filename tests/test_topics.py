@@ -100,6 +100,12 @@ def test_what_is_not_a_topic_of_the_tree_parses_to_none(topic: str) -> None:
     assert TREE.parse(topic) is None
 
 
+def test_a_reply_topic_may_go_deeper_inside_the_clients_namespace() -> None:
+    # An MQTT 5 response topic is any topic under .../reply/{client_id}/ (the client's inbox).
+    address = TREE.parse("site/llm/pi/reply/dev/in/box")
+    assert address == Address("pi", Leaf.REPLY, ("dev", "in/box"))
+
+
 def test_building_with_the_wrong_number_of_levels_is_an_error() -> None:
     with pytest.raises(ValueError):
         TREE.topic("pi", Leaf.REPLY, "only-client")
