@@ -136,3 +136,52 @@ def test_a_fleet_member_tells_pooled_requests_claims_and_statuses_apart() -> Non
         assert any(Wildcard(w).matches(topic) for w in fleet.subscriptions)
     with pytest.raises(ValueError):
         FleetTopics.of("site/llm", "pool", "pool")
+
+
+# -- the broker's ACL is generated from the same tree ----------------------------------------------
+
+
+def _allowed(acls: list[tuple[str, str]], kind: str, topic: str) -> bool:
+    return any(k == kind and Wildcard(pattern).matches(topic) for k, pattern in acls)
+
+
+def test_a_devices_role_covers_exactly_its_own_topics_on_every_node_and_the_pool() -> None:
+    from qwen_edge.tools.brokeradmin import Names, device_role, role_acls
+
+    roles = role_acls(Names(prefix="site/llm", group="pool"), ["dev1"])
+    mine = roles[device_role("dev1")] + roles["qwen-edge-device"]
+    for target in ("n1", "pool"):
+        topics = Topics("site/llm", target)
+        assert _allowed(mine, "publishClientSend", topics.request("dev1"))
+        assert _allowed(mine, "publishClientSend", topics.cancel("dev1"))
+        assert _allowed(mine, "publishClientReceive", topics.reply("dev1", "c1"))
+        assert _allowed(mine, "publishClientReceive", topics.reply_namespace("dev1") + "in/box")
+        assert _allowed(mine, "publishClientReceive", topics.error("dev1"))
+        assert not _allowed(mine, "publishClientSend", topics.request("dev2"))
+        assert not _allowed(mine, "publishClientReceive", topics.reply("dev2", "c1"))
+        assert not _allowed(mine, "publishClientSend", topics.reply("dev1", "c1"))
+        assert not _allowed(mine, "publishClientSend", topics.status)
+    assert _allowed(mine, "publishClientReceive", Topics("site/llm", "n1").status)
+
+
+def test_the_daemons_role_covers_every_subscription_and_publication_of_a_node() -> None:
+    from qwen_edge.tools.brokeradmin import Names, role_acls
+
+    daemon = role_acls(Names(prefix="site/llm", group="pool"))["qwen-edge-daemon"]
+    fleet = FleetTopics.of("site/llm", "n1", "pool")
+    subscribed = {pattern for kind, pattern in daemon if kind == "subscribePattern"}
+    # dynsec checks a SUBSCRIBE against the filter as sent, $share head included.
+    assert fleet.shared_requests in subscribed
+    for wildcard in (*fleet.own.subscriptions, *fleet.subscriptions[1:]):
+        assert any(Wildcard(p).matches(wildcard.replace("+", "x")) for p in subscribed), wildcard
+    for topic in (
+        fleet.own.reply("dev1", "c"),
+        fleet.own.error("dev1"),
+        fleet.own.status,
+        fleet.own.stats,
+        fleet.pool.reply("dev1", "c"),
+        fleet.claims("n1"),
+        fleet.probe_request,
+    ):
+        assert _allowed(daemon, "publishClientSend", topic), topic
+    assert not _allowed(daemon, "publishClientSend", fleet.own.request("dev1"))
