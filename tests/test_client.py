@@ -26,13 +26,22 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devtools.harness import (
+    BROKER_CONF,
+    NODE,
+    PREFIX,
+    ROOT,
+    SMOLLM,
+    Broker,
+    Daemon,
+    Probe,
+    reply_text,
+)
 from qwen_edge.client import AsyncEdgeClient, EdgeClient, EdgeError, Reply
 from qwen_edge.client.connection import Arrived, Connection
 from qwen_edge.client.exchange import Exchange, Pins
 from qwen_edge.protocol import ErrorMessage, parse_reply
 from qwen_edge.settings import MqttSettings
-
-from .conftest import BROKER_CONF, NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe, reply_text
 
 POOL = "pool"
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 import typing
 
+from devtools.harness import ROOT
 from qwen_edge.protocol import REQUEST_ENVELOPE, REQUEST_OPTIONS, ChatRequest, RequestOptions
-
-from .harness import ROOT
 
 
 def test_the_clients_keywords_are_the_requests_options() -> None:

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devtools.harness import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 from qwen_edge.node.failover import Failover
 from qwen_edge.node.replies import ReplyStream
 from qwen_edge.protocol import (
@@ -50,8 +51,6 @@ from qwen_edge.topics import (
     WatchKind,
     parse_node_topic,
 )
-
-from .conftest import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 
 POOL = "pool"
 TRIO = ("node-a", "node-b", "node-c")

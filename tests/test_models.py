@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import NODE, PREFIX, QWEN_TINY, ROOT, SMOLLM, Broker, Daemon, Probe
+from devtools.harness import NODE, PREFIX, QWEN_TINY, ROOT, SMOLLM, Broker, Daemon, Probe
+
 from .fakehub import FakeHub, HubFile
 
 REPO = "test/Tiny-GGUF"
