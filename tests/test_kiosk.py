@@ -302,7 +302,7 @@ def test_kiosk_page_in_chromium(tmp_path: Path, page_server: tuple[str, Path]) -
     report = "\n".join(output[-60:]) + "\n" + "".join(stderr)[-4000:]
     assert code == 0, report + "\n--- daemon log ---\n" + daemon.log()[-3000:]
     steps = finished.get("steps")
-    assert isinstance(steps, list) and len(steps) == 12, report
+    assert isinstance(steps, list) and len(steps) == 13, report
     (ARTIFACTS / "figures.json").write_text(json.dumps(finished.get("figures"), indent=2) + "\n")
     shots = {p.name: _png_size(p) for p in ARTIFACTS.glob("*.png")}
     for name, size in {
@@ -363,7 +363,7 @@ def _guards(tmp_path: Path, www: Path, page_url: str, scenario: str) -> dict[str
         (ROOT / "tests" / "broker" / "auth.conf").read_text() + f"password_file {passwords}\n"
     )
     broker = KioskBroker(tmp_path / "broker", www, conf)
-    settings = {
+    config = {
         "broker": f"ws://127.0.0.1:{broker.ws_port}",
         "username": "kiosk-lobby",
         "password": accounts["kiosk-lobby"],
@@ -460,9 +460,9 @@ def test_kiosk_links_are_text(tmp_path: Path, page_server: tuple[str, Path]) -> 
     _guards(tmp_path, www, page_url, "links")
 
 
-def _drive(proc: subprocess.Popen[str], actions: dict[str, Callable[[], None]]) -> tuple[
-    list[str], dict[str, object]
-]:
+def _drive(
+    proc: subprocess.Popen[str], actions: dict[str, Callable[[], None]]
+) -> tuple[list[str], dict[str, object]]:
     """Run a scenario script that asks for actions ("@@{"do": ...}" on stdout, the answer on its
     stdin) until it ends: its other output lines and its "finished" message."""
     assert proc.stdin is not None and proc.stdout is not None
@@ -491,6 +491,7 @@ def _visitors(
     www: Path,
     page_url: str,
     scenario: str,
+    *,
     config: dict[str, object] | None = None,
     daemon_env: dict[str, str] | None = None,
     **setup: object,
@@ -602,7 +603,7 @@ def test_kiosk_credential_reads_no_earlier_visitor(
     of a fresh conversation). The next page load and the idle reset start conversations of 128
     random bits, and a client that connects later receives nothing of the visitors."""
     page_url, www = page_server
-    figures = _visitors(tmp_path, www, page_url, "visitors", {"idle_reset": 6})
+    figures = _visitors(tmp_path, www, page_url, "visitors", config={"idle_reset": 6})
     assert figures["leaks"] == [] and int(figures["ids_tried"]) >= 6  # type: ignore[call-overload]
 
 
