@@ -25,10 +25,9 @@ from wyoming.handle import Handled, NotHandled
 from wyoming.info import Describe, Info
 from wyoming.intent import Intent
 
+from devtools.harness import ROOT, SMOLLM, Broker, Daemon, free_port
 from qwen_edge.node.assist import ANSWER, Entities, intent_schema
 from qwen_edge.node.wyoming import SERVICE_TYPE, announced_address
-
-from .harness import ROOT, SMOLLM, Broker, Daemon, free_port
 
 TABLE = json.loads((ROOT / "scripts" / "assist-eval.json").read_text())
 ENTITIES = TABLE["entities"]
