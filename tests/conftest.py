@@ -1,5 +1,5 @@
 """Fixtures over devtools/harness.py (a mosquitto on a free port, the daemon as a process, a probe
-client, the models), and the `unit` marker for tests that run in-process. Test modules import the
+client, the models), and the `unit` marker for the tests in tests/unit/. Test modules import the
 harness's names from devtools.harness."""
 
 from __future__ import annotations
@@ -12,27 +12,14 @@ import pytest
 
 from devtools.harness import SMOLLM, Broker, Daemon, Probe
 
-# Modules whose tests need no broker, daemon or other process and run in seconds: `scripts/test
-# --unit` runs them (pytest -m unit). A test in one of them that does start a process says so
-# with @pytest.mark.subprocess and stays out.
-UNIT_MODULES = frozenset(
-    {
-        "test_assist",
-        "test_conversations",
-        "test_intake",
-        "test_kvstore",
-        "test_modelfile",
-        "test_protocol",
-        "test_settings",
-        "test_statestore",
-        "test_text",
-    }
-)
+UNIT = Path(__file__).resolve().parent / "unit"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The marker follows the folder: tests/unit/ runs in-process, without a compiler, a broker,
+    # a daemon or any other process (scripts/test --unit); everything else uses the real parts.
     for item in items:
-        if item.path.stem in UNIT_MODULES and item.get_closest_marker("subprocess") is None:
+        if UNIT in item.path.parents:
             item.add_marker(pytest.mark.unit)
 
 

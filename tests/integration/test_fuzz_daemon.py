@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 from qwen_edge.protocol import ChatRequest, ErrorCode, RequestError, parse_cancel, parse_request
 
-from .test_protocol import (
+from ..unit.test_protocol import (
     LIMIT,
     NUMERIC,
     VALID,

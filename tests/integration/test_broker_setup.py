@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from devtools.harness import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
 from qwen_edge.tools import brokeradmin
 
-from .procwatch import ProcessSampler
+from ..procwatch import ProcessSampler
 
 BROKER_SETUP = ROOT / "scripts" / "broker-setup"
 GROUP = "pool"

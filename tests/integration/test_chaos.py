@@ -18,7 +18,7 @@ import pytest
 from devtools import chaos
 from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # As the docs run it: from a shell without the venv active (the script finds the venv itself).
 FRESH_SHELL = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
 CHAOS = ROOT / "scripts" / "chaos"

@@ -26,9 +26,9 @@ import pytest
 
 from devtools.harness import SMOLLM, Broker
 
-from .procwatch import ProcessSampler
+from ..procwatch import ProcessSampler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = ROOT / "scripts" / "install"
 UNIT = ROOT / "systemd" / "qwen-edge.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "config.example.toml"

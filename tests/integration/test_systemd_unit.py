@@ -20,7 +20,7 @@ import pytest
 from qwen_edge.cli import EXIT_CONFIG
 from qwen_edge.settings import ServiceSettings, Settings, load_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "qwen-edge.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "config.example.toml"
 INSTALLED_BINARY = "/opt/qwen-edge/venv/bin/qwen-edge"

@@ -12,8 +12,6 @@ import pytest
 
 from devtools.harness import ROOT
 
-pytestmark = pytest.mark.unit
-
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 PAGES = sorted(
     [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "scripts").glob("*.md")]

@@ -22,8 +22,6 @@ from qwen_edge.settings import GenerationSettings
 
 from .fakes import FakeEngine
 
-pytestmark = pytest.mark.unit
-
 WAIT = 5.0  # seconds any one test may wait for the loop; each takes milliseconds
 
 

@@ -11,8 +11,6 @@ import pytest
 
 from qwen_edge.node import systemd_notify
 
-pytestmark = pytest.mark.unit
-
 
 def test_a_notification_reaches_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "notify"

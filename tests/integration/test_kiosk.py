@@ -31,9 +31,9 @@ from devtools.harness import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_po
 
 KIOSK = ROOT / "deploy" / "kiosk"
 DIST = KIOSK / "dist"
-E2E = Path(__file__).resolve().parent / "kiosk" / "kiosk_e2e.mjs"
-GUARDS = Path(__file__).resolve().parent / "kiosk" / "kiosk_guards.mjs"
-VISITORS = Path(__file__).resolve().parent / "kiosk" / "kiosk_visitors.mjs"
+E2E = Path(__file__).resolve().parents[1] / "kiosk" / "kiosk_e2e.mjs"
+GUARDS = Path(__file__).resolve().parents[1] / "kiosk" / "kiosk_guards.mjs"
+VISITORS = Path(__file__).resolve().parents[1] / "kiosk" / "kiosk_visitors.mjs"
 ARTIFACTS = ROOT / "test-artifacts" / "kiosk"
 CHROMIUM = os.environ.get("QWEN_EDGE_TEST_CHROMIUM", "/usr/bin/chromium")
 FAKE_NODE = "scripted"

@@ -34,7 +34,7 @@ from qwen_edge.tools.doctor import (
     unit_memory_max,
 )
 
-BROKER_DIR = Path(__file__).resolve().parent / "broker"
+BROKER_DIR = Path(__file__).resolve().parents[1] / "broker"
 AUTH_USER, AUTH_PASSWORD = "qwen-edge", "right-password"  # in tests/broker/auth.passwd
 CHECKS = ["config", "broker", "credentials", "node", "model", "cpu", "memory"]
 
@@ -456,7 +456,7 @@ def test_memory_above_the_units_limit_warns() -> None:
 
 
 def test_unit_memory_max_reads_the_unit_and_its_drop_ins() -> None:
-    shipped = (Path(__file__).resolve().parent.parent / "systemd" / "qwen-edge.service").read_text()
+    shipped = (Path(__file__).resolve().parents[2] / "systemd" / "qwen-edge.service").read_text()
     assert unit_memory_max([shipped]) == 1600 * 1024 * 1024
     assert unit_memory_max([shipped, "[Service]\nMemoryMax=3G\n"]) == 3 * 1024**3
     assert unit_memory_max([shipped, "[Service]\nMemoryMax=infinity\n"]) is None
