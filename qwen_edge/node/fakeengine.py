@@ -17,7 +17,7 @@ from typing import Final
 
 from ..settings import ModelSettings
 from .budget import MemoryPlan
-from .engine import Row, SamplingParams
+from .decoder import Row, SamplingParams
 
 # pathlib folds "fake://40ms" into "fake:/40ms"; accept either.
 _FAKE_PATH: Final = re.compile(r"fake:/{0,2}(\d+(?:\.\d+)?)ms")

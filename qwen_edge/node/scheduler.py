@@ -24,7 +24,7 @@ from .conversations import (
     ConversationStore,
     fit_prompt,
 )
-from .engine import DecodeError, EngineLike, GrammarError, Row, SamplingParams
+from .decoder import DecodeError, EngineLike, GrammarError, Row, SamplingParams
 from .generation import Generation
 from .grammar import grammar_for
 from .kvstore import Slot, Slots

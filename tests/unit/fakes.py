@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Sequence
 
-from qwen_edge.node.engine import DecodeError, GrammarError, Row, SamplingParams
+from qwen_edge.node.decoder import DecodeError, GrammarError, Row, SamplingParams
 
 END = 256  # the end-of-reply token; 0..255 are bytes
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_edge.node.engine import StopStrings, TextAssembler
 from qwen_edge.node.replies import ReplyStream
+from qwen_edge.node.text import StopStrings, TextAssembler
 from qwen_edge.protocol import ErrorCode, FinishReason
 
 PROPERTY = settings(max_examples=200, deadline=None)
