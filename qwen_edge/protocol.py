@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
 )
 
+from .formatschema import UnsupportedSchema, check_size
+
 PROTOCOL_VERSION: Final = 1
 ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 
@@ -97,15 +99,14 @@ class ChatRequest(BaseModel):
             return None
         if value != "json" and not isinstance(value, dict):
             raise ValueError('must be "json" or a JSON Schema object')
-        # Converted here, so that a schema the grammar cannot enforce is refused before the
-        # request is accepted. Imported late: the grammar needs llama.cpp, and this module
-        # must stay importable without it.
-        from .node.grammar import UnsupportedSchema, grammar_for
-
-        try:
-            grammar_for(value)
-        except UnsupportedSchema as exc:
-            raise ValueError(str(exc)) from None
+        # Only its size here (this runs on paho's network thread, before the client's limits
+        # are charged): the node's grammar compiler checks the rest on a thread of its own,
+        # while the request holds its queue place (formatschema, node/grammar.py).
+        if isinstance(value, dict):
+            try:
+                check_size(value)
+            except UnsupportedSchema as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     def model_post_init(self, context: Any, /) -> None:
