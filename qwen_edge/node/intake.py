@@ -387,9 +387,11 @@ def refuse_invalid(
     topics: Topics,
 ) -> None:
     """An invalid request costs its sender a rate token like any other (else invalid ones
-    would be a free way to make the node work); past the rate it gets rate_limited. `limits`
-    None: charged already (when it arrived while the model loaded)."""
-    refusal = None if limits is None else limits.charge(client_id)
+    would be a free way to make the node work); past the rate it gets rate_limited. Only an
+    oversize payload costs nothing: it is refused by its length alone, before any parsing.
+    `limits` None: charged already (when it arrived while the model loaded)."""
+    charge = limits is not None and error.code is not ErrorCode.TOO_LARGE
+    refusal = limits.charge(client_id) if charge and limits is not None else None
     if refusal is not None:
         error = RequestError(refusal.code, refusal.message, error.request_id, error.conversation_id)
     retry_after = None if refusal is None else refusal.retry_after
