@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
+
 from .test_formatschema import MANY_PROPERTIES, WIDE_ENUM
 
 
