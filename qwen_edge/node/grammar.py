@@ -55,10 +55,10 @@ def grammar_for(fmt: str | Mapping[str, Any]) -> str:
             raise UnsupportedSchema('must be "json" or a JSON Schema object')
         return str(JSON_GBNF)  # llama.cpp's: any JSON object
     check_size(dict(fmt))
-    return _schema_grammar(canonical(dict(fmt)))
+    return _schema_grammar(canonical(dict(fmt)), bounded=True)
 
 
-def _schema_grammar(text: str) -> str:
+def _schema_grammar(text: str, *, bounded: bool) -> str:
     schema = json.loads(text)
     validator = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
     try:
@@ -68,14 +68,14 @@ def _schema_grammar(text: str) -> str:
         raise UnsupportedSchema(
             f"not a valid JSON Schema: {exc.message}" + (f" (at /{where})" if where else "")
         ) from None
-    plain = plain_schema(schema)
+    plain = plain_schema(schema, bounded=bounded)
     try:
         grammar = str(json_schema_to_gbnf(json.dumps(plain)))
     except RecursionError:
         raise UnsupportedSchema("the schema is nested too deeply") from None
     except Exception as exc:  # the converter refuses with asserts and ValueErrors
         raise UnsupportedSchema(f"the grammar converter refused it: {exc}") from None
-    if len(grammar) > MAX_GRAMMAR_BYTES:
+    if bounded and len(grammar) > MAX_GRAMMAR_BYTES:
         raise UnsupportedSchema(
             f"its grammar is {len(grammar)} bytes, more than the {MAX_GRAMMAR_BYTES} allowed"
         )
@@ -97,9 +97,12 @@ OnCompiled = Callable[[Compiled], None]
 
 class GrammarSource(Protocol):
     """What the scheduler needs: a format's grammar, handed to `done` on some thread (maybe
-    the caller's, at once, when it is known)."""
+    the caller's, at once, when it is known). `bounded` False: a format the node built itself
+    (formatschema.plain_schema)."""
 
-    def request(self, fmt: str | Mapping[str, Any], done: OnCompiled) -> None: ...
+    def request(
+        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -110,17 +113,21 @@ class GrammarCompiler:
     here). Started on first use; close() stops and joins it."""
 
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
-        self._cache: OrderedDict[str, Compiled] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, bool], Compiled] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[str, OnCompiled] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[tuple[str, bool], OnCompiled] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
 
-    def request(self, fmt: str | Mapping[str, Any], done: OnCompiled) -> None:
+    def request(
+        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
+    ) -> None:
         if isinstance(fmt, str):
             done(_json_grammar(fmt))
             return
-        key = canonical(dict(fmt))  # the walk protocol.py did: sized already
+        key = (canonical(dict(fmt)), bounded)  # as protocol.py sized it
         with self._lock:
             known = self._cache.get(key)
             if known is not None:
@@ -163,9 +170,9 @@ def _json_grammar(fmt: str) -> Compiled:
     return Compiled(str(JSON_GBNF))
 
 
-def _compile(key: str) -> Compiled:
+def _compile(key: tuple[str, bool]) -> Compiled:
     try:
-        return Compiled(_schema_grammar(key))
+        return Compiled(_schema_grammar(key[0], bounded=key[1]))
     except UnsupportedSchema as exc:
         return Compiled(None, str(exc))
     except Exception as exc:  # never kill the thread over one schema

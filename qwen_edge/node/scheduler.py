@@ -60,6 +60,9 @@ class Job:
     announce: bool = False
     # Its format's grammar, once compiled; a slot takes the job only when `ready`.
     grammar: str | None = None
+    # False: a format the node built itself (the Wyoming adapter's), not held to the schema
+    # bounds; its grammar's work is paced all the same.
+    bounded: bool = True
     format_error: str | None = None  # why its format has no grammar
     ready: bool = True
 
@@ -141,7 +144,9 @@ class Scheduler:
             log.info("request_displaced", client_id=displaced.client_id)
             self._end_with_error(displaced, ErrorCode.BUSY, DISPLACED)
         if job.request.format is not None:  # maybe at once, on this thread: lock released
-            self._grammars.request(job.request.format, lambda done: self._compiled(job, done))
+            self._grammars.request(
+                job.request.format, lambda done: self._compiled(job, done), bounded=job.bounded
+            )
         return None
 
     def _compiled(self, job: Job, compiled: Compiled) -> None:
