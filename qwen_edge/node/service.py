@@ -215,6 +215,7 @@ class Service:
             kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
             node=s.node_id,
             model_name=self.model_name,
+            limits=s.limits,
         )
         inference = threading.Thread(target=scheduler.run, name="inference")
         inference.start()
