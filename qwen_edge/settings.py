@@ -242,6 +242,34 @@ class LimitSettings(_Section):
         ge=0,
         description="Conversations of one client with a request queued or generating (0: any).",
     )
+    max_queued_per_client: int = Field(
+        8,
+        ge=0,
+        description=(
+            "Requests of one client that may wait in the queue (model.queue_size) at once; past "
+            "it, busy (0: any). Slots free up for clients in turn, the client holding the fewest "
+            "first, and when the queue is full a client's request takes the newest place of the "
+            "client holding the most (which gets busy) if that one holds two or more more."
+        ),
+    )
+    grammar_share: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description=(
+            "Share of the decode loop's time one request's `format` grammar may take while "
+            "others are generating; past it the request sits out steps until it is within "
+            "again, so the others keep at least 1 - grammar_share of their speed."
+        ),
+    )
+    grammar_step_ms: float = Field(
+        1000.0,
+        gt=0,
+        description=(
+            "Longest one token's grammar check may take (milliseconds); a request whose grammar "
+            "takes longer ends with bad_request (the others stalled that long once)."
+        ),
+    )
 
 
 class ServiceSettings(_Section):

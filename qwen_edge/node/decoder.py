@@ -1,14 +1,15 @@
 """What the scheduler needs of an engine, and nothing of llama.cpp: the rows of a decode step,
-a request's sampling parameters, the engine and sampler protocols, their errors. The real engine
+a request's sampling parameters, the engine and sampler protocols, their errors, and the grammar
+source a format's grammar comes from. The real engine
 (engine.py, llama.cpp) and the fakes (fakeengine.py, the unit tests) implement it; the scheduler,
 the intake and the unit tier import only this."""
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class DecodeError(Exception):
@@ -42,6 +43,11 @@ class TokenSampler(Protocol):
 
     def close(self) -> None:
         """Free what the sampler holds; called once, when its request ends."""
+
+    @property
+    def grammar_seconds(self) -> float:
+        """Time spent on the request's grammar so far (0 without one); read per step by the
+        scheduler for requests with a grammar only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +98,26 @@ class EngineLike(Protocol):
 
     def is_end(self, token: int) -> bool:
         """Whether `token` ends the reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A format's grammar, or why it has none (a message fit for the client)."""
+
+    grammar: str | None
+    error: str | None = None
+
+
+OnCompiled = Callable[[Compiled], None]
+
+
+class GrammarSource(Protocol):
+    """What the scheduler needs: a format's grammar, handed to `done` on some thread (maybe
+    the caller's, at once, when it is known). `bounded` False: a format the node built itself
+    (formatschema.plain_schema)."""
+
+    def request(
+        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
+    ) -> None: ...
+
+    def close(self) -> None: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
@@ -40,6 +41,7 @@ class Sampler:
     when the request ends."""
 
     __slots__ = ("_chain", "_ctx")
+    grammar_seconds = 0.0  # a plain chain has no grammar
 
     def __init__(self, params: SamplingParams, n_vocab: int, ctx: Any) -> None:
         self._ctx = ctx
@@ -89,7 +91,7 @@ class GrammarSampler(Sampler):
     model's own choice mostly fits.
     """
 
-    __slots__ = ("_candidates", "_grammar", "_ids", "_one", "_single")
+    __slots__ = ("_candidates", "_grammar", "_ids", "_one", "_single", "grammar_seconds")
 
     def __init__(self, params: SamplingParams, n_vocab: int, ctx: Any, vocab: Any) -> None:
         assert params.grammar is not None
@@ -105,12 +107,14 @@ class GrammarSampler(Sampler):
         self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
         self._single = np.zeros(1, dtype=_TOKEN_DATA)
         self._one = _token_array(self._single)
+        self.grammar_seconds = 0.0  # the check, the re-pick and the accept: what the grammar adds
 
     def sample(self, index: int) -> int:
         logits = np.ctypeslib.as_array(
             llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(len(self._ids),)
         )
         token = self._pick(logits, constrained=False)
+        began = time.perf_counter()
         single = self._single
         single["id"] = token
         single["logit"] = 0.0
@@ -121,6 +125,7 @@ class GrammarSampler(Sampler):
         if single["logit"][0] == -np.inf:  # refused: pick again among what the grammar allows
             token = self._pick(logits, constrained=True)
         llama_cpp.llama_sampler_accept(self._grammar, token)
+        self.grammar_seconds += time.perf_counter() - began
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
 

@@ -36,6 +36,7 @@ class FakeSampler:
     """Picks the next word of _WORDS; needs no logits."""
 
     __slots__ = ("_next",)
+    grammar_seconds = 0.0  # follows no grammar
 
     def __init__(self, seed: int) -> None:
         self._next = seed % len(_WORDS)

@@ -35,6 +35,8 @@ class Generation:
         "fed",
         "first_token_at",
         "generated",
+        "grammar_debt",
+        "grammar_seen",
         "job",
         "max_tokens",
         "next_token",
@@ -66,6 +68,10 @@ class Generation:
         self.system = system
         self.dropped = dropped
         self.first_token_at: float | None = None
+        # Grammar time (seconds) beyond the request's share of the loop's (scheduler._charge),
+        # and the sampler's grammar time already settled.
+        self.grammar_debt = 0.0
+        self.grammar_seen = 0.0
         self._text = TextAssembler()
         stop = job.request.stop
         self._stops = StopStrings(stop) if stop else None  # None: no stop strings to look for

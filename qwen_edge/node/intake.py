@@ -32,7 +32,8 @@ log = structlog.get_logger("qwen_edge.node.intake")
 
 # What the scheduler's refusals tell the client.
 REFUSED = {
-    ErrorCode.BUSY: "all slots and the wait queue are full; retry later",
+    ErrorCode.BUSY: "all slots and the wait queue are full, or this client holds its share of "
+    "the queue (limits.max_queued_per_client); retry later",
     ErrorCode.SHUTTING_DOWN: "the node is stopping",
 }
 
@@ -165,7 +166,9 @@ class Intake:
         client_id = inbound.client_id
         parsed = parse_request(msg.payload, self._max_payload)
         if isinstance(parsed, RequestError):
-            send_error(self._publish, client_id, parsed, msg, self.topics)
+            refuse_invalid(
+                self._limits, self._publish, client_id, parsed, msg=msg, topics=self.topics
+            )
             return
         where = self._reply_topic(client_id, parsed, msg, self.topics)
         if where is None:
@@ -238,10 +241,14 @@ class Intake:
     def _check(
         self, client_id: str, msg: Inbound, topics: Topics, charged: bool
     ) -> _Checked | None:
-        """Payload, response topic and the client's limits; None: refused and answered."""
+        """Payload, response topic and the client's limits; None: refused and answered.
+        Parsing is cheap and bounded (max_payload; a `format` schema is only sized here, the
+        scheduler has it compiled off this thread); it comes first so that a QoS 1
+        redelivery of a request in flight is known and costs nothing."""
         parsed = parse_request(msg.payload, self._max_payload)
         if isinstance(parsed, RequestError):
-            send_error(self._publish, client_id, parsed, msg, topics)
+            limits = None if charged else self._limits
+            refuse_invalid(limits, self._publish, client_id, parsed, msg=msg, topics=topics)
             return None
         where = self._reply_topic(client_id, parsed, msg, topics)
         if where is None:
@@ -359,8 +366,35 @@ def drop_retained(msg: Inbound) -> None:
     log.warning("retained_dropped", topic=msg.topic, reason="retained request or cancel")
 
 
+def refuse_invalid(
+    limits: ClientLimits | None,
+    publish: Publish,
+    client_id: str,
+    error: RequestError,
+    *,
+    msg: Inbound,
+    topics: Topics,
+) -> None:
+    """An invalid request costs its sender a rate token like any other (else invalid ones
+    would be a free way to make the node work); past the rate it gets rate_limited. Only an
+    oversize payload costs nothing: it is refused by its length alone, before any parsing.
+    `limits` None: charged already (when it arrived while the model loaded)."""
+    charge = limits is not None and error.code is not ErrorCode.TOO_LARGE
+    refusal = limits.charge(client_id) if charge and limits is not None else None
+    if refusal is not None:
+        error = RequestError(refusal.code, refusal.message, error.request_id, error.conversation_id)
+    retry_after = None if refusal is None else refusal.retry_after
+    send_error(publish, client_id, error, msg, topics, retry_after=retry_after)
+
+
 def send_error(
-    publish: Publish, client_id: str, error: RequestError, msg: Inbound | None, topics: Topics
+    publish: Publish,
+    client_id: str,
+    error: RequestError,
+    msg: Inbound | None,
+    topics: Topics,
+    *,
+    retry_after: float | None = None,
 ) -> None:
     """An error for a request that never became a job: on its reply topic when we know it,
     else on the client's error topic."""
@@ -376,7 +410,7 @@ def send_error(
     else:
         topic = topics.error(client_id)
     stream = ReplyStream(publish, topic, error.request_id, correlation)
-    stream.error(error.code, error.message, size=error.size)
+    stream.error(error.code, error.message, retry_after, size=error.size)
     log.info("request_rejected", client_id=client_id, code=error.code.value, error=error.message)
 
 

@@ -1,9 +1,17 @@
-"""Slots, a bounded wait queue, cancellation, and the inference loop that decodes them together.
+"""Slots, a bounded wait queue shared fairly across clients, cancellation, and the inference loop
+that decodes them together.
 
 Continuous batching: each decode step carries one token of every generating slot plus prompt
 chunks of slots still reading their prompt, so a new request starts at the next step instead of
 waiting for others to finish. The loop runs on one thread that owns the Engine; other threads
 only call submit(), cancel() and stop().
+
+Fair shares: the queue holds each client's waiting jobs in arrival order, and a freed slot goes
+to the next client in turn (the one holding the fewest slots first), not to the oldest job; a
+client may hold at most `max_queued_per_client` waiting places, and when the queue is full a
+newcomer takes the newest place of the client holding the most. A job with a `format` waits for
+its grammar (compiled on the grammar thread) before a slot takes it; while others generate, a
+request's grammar work may take only `grammar_share` of the loop's time (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -11,28 +19,38 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 import structlog
 
 from ..protocol import ChatRequest, ErrorCode, FinishReason
-from ..settings import GenerationSettings
+from ..settings import GenerationSettings, LimitSettings
 from .conversations import (
     ContextOverflow,
     ConversationKey,
     ConversationStore,
     fit_prompt,
 )
-from .decoder import DecodeError, EngineLike, GrammarError, Row, SamplingParams
+from .decoder import (
+    Compiled,
+    DecodeError,
+    EngineLike,
+    GrammarError,
+    GrammarSource,
+    Row,
+    SamplingParams,
+)
 from .generation import Generation
-from .grammar import grammar_for
 from .kvstore import Slot, Slots
+from .pacing import GrammarPacer
 from .replies import ReplyStream
+from .waitqueue import WaitQueue
 
 log = structlog.get_logger("qwen_edge.node.scheduler")
 
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between heartbeats
+DISPLACED = "the queue is full and this client held the most of it; retry later"
 
 
 @dataclass(slots=True)
@@ -47,6 +65,13 @@ class Job:
     # Send `start` on acceptance, not when a slot takes it: a pooled request is then known to
     # the fleet (and ended by it if this node vanishes) even while it waits in the queue.
     announce: bool = False
+    # Its format's grammar, once compiled; a slot takes the job only when `ready`.
+    grammar: str | None = None
+    # False: a format the node built itself (the Wyoming adapter's), not held to the schema
+    # bounds; its grammar's work is paced all the same.
+    bounded: bool = True
+    format_error: str | None = None  # why its format has no grammar
+    ready: bool = True
 
     @property
     def key(self) -> tuple[str, str]:
@@ -68,7 +93,15 @@ class Scheduler:
         kv_keep_bytes: int,
         node: str,
         model_name: str,
+        grammars: GrammarSource,
+        limits: LimitSettings | None = None,
     ) -> None:
+        # grammars: where formats' grammars come from (grammar.GrammarCompiler; injected, so that
+        # the scheduler imports nothing of llama.cpp), closed when run() returns. limits None:
+        # LimitSettings' grammar budget, no per-client queue cap.
+        limits = limits or LimitSettings(max_queued_per_client=0)
+        self._pacer = GrammarPacer(limits.grammar_share, limits.grammar_step_ms / 1000)
+        self._grammars = grammars
         self._engine = engine
         self._store = store
         self._gen = generation
@@ -76,7 +109,7 @@ class Scheduler:
         self._node = node
         self._model_name = model_name
         self._slots = Slots(engine, kv_keep_bytes, generation.system)
-        self._waiting: deque[Job] = deque()
+        self._waiting = WaitQueue[Job](limits.max_queued_per_client)
         self._jobs: dict[tuple[str, str], Job] = {}  # every accepted, unfinished job
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -98,17 +131,42 @@ class Scheduler:
                 return ErrorCode.SHUTTING_DOWN
             if job.key in self._jobs:
                 return ErrorCode.DUPLICATE
+            if not self._waiting.has_share(job.client_id):
+                return ErrorCode.BUSY
             # A job being started has left the queue but not yet taken its slot: without
             # counting it, a burst arriving meanwhile would overfill the queue by one.
             free = sum(1 for s in self._slots.all if s.gen is None) - self._starting
+            displaced = None
             if len(self._waiting) >= self._queue_size + free:
-                return ErrorCode.BUSY
+                displaced = self._waiting.displace(job.client_id, holding(self._slots.all))
+                if displaced is None:
+                    return ErrorCode.BUSY
+                self._jobs.pop(displaced.key, None)
             self._jobs[job.key] = job
+            job.ready = job.request.format is None
             if job.announce:  # before the loop can see the job, so start stays seq 0
                 job.stream.start(self._node, self._model_name)
-            self._waiting.append(job)
+            self._waiting.add(job)
             self._wake.notify()
+        if displaced is not None:
+            log.info("request_displaced", client_id=displaced.client_id)
+            self._end_with_error(displaced, ErrorCode.BUSY, DISPLACED)
+        if job.request.format is not None:  # maybe at once, on this thread: lock released
+            self._grammars.request(
+                job.request.format, lambda done: self._compiled(job, done), bounded=job.bounded
+            )
         return None
+
+    def _compiled(self, job: Job, compiled: Compiled) -> None:
+        """A waiting job's grammar (from the grammar thread, or submit's when known); a refused
+        format ends the job now, freeing its place."""
+        with self._lock:
+            job.grammar, job.format_error = compiled.grammar, compiled.error
+            job.ready = True
+            refused = compiled.grammar is None and self._waiting.remove(job)
+            self._wake.notify()
+        if refused:
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {compiled.error}")
 
     def cancel(self, client_id: str, request_id: str) -> bool:
         """Ask the loop to end a client's job; takes effect before the next decode step."""
@@ -140,6 +198,7 @@ class Scheduler:
         while True:
             try:
                 if self._iterate():
+                    self._grammars.close()
                     return
             except Exception:
                 log.exception("inference_fault")
@@ -165,7 +224,8 @@ class Scheduler:
             with self._lock:
                 if self._closing and not self._waiting:
                     return True
-                if not self._waiting:
+                # What still waits (if anything) waits for its grammar, which wakes the loop.
+                if not self._waiting.any_ready():
                     self._wake.wait(IDLE_WAIT)
             return False
         self._step(active)
@@ -175,9 +235,11 @@ class Scheduler:
         while True:
             with self._lock:
                 free = [s for s in self._slots.all if s.gen is None]
-                if not self._waiting or not (free or self._closing):
+                if not (free or self._closing):
                     return
-                job = self._waiting.popleft()
+                job = self._waiting.next(holding(self._slots.all), any_job=self._closing)
+                if job is None:
+                    return
                 closing = self._closing
                 if not closing:
                     self._starting += 1
@@ -195,6 +257,9 @@ class Scheduler:
 
     def _start(self, job: Job, free: list[Slot]) -> None:
         req = job.request
+        if req.format is not None and job.grammar is None and not job.cancelled:
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {job.format_error}")
+            return
         job.stream.start(self._node, self._model_name)
         if job.cancelled:
             self._end(job)
@@ -223,20 +288,8 @@ class Scheduler:
         slot, keep = self._slots.take(
             job.conversation, prompt, free, client_system=system is not None
         )
-        temperature = self._gen.temperature if req.temperature is None else req.temperature
         try:
-            sampler = self._engine.new_sampler(
-                SamplingParams(
-                    temperature=temperature,
-                    top_p=self._gen.top_p if req.top_p is None else req.top_p,
-                    top_k=self._gen.top_k if req.top_k is None else req.top_k,
-                    min_p=self._gen.min_p,
-                    repeat_penalty=self._gen.repeat_penalty,
-                    repeat_last_n=self._gen.repeat_last_n,
-                    seed=random.getrandbits(32) if req.seed is None else req.seed,
-                    grammar=None if req.format is None else grammar_for(req.format),
-                )
-            )
+            sampler = self._engine.new_sampler(sampling(self._gen, req, job.grammar))
         except GrammarError as exc:  # intake converted the format; llama.cpp may still refuse
             self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {exc}")
             return
@@ -245,27 +298,16 @@ class Scheduler:
         slot.gen = Generation(
             job, prompt, sampler, reused=keep, max_tokens=max_tokens, system=system, dropped=dropped
         )
+        if job.grammar is not None:
+            self._pacer.graded += 1
 
     def _step(self, active: list[Slot]) -> None:
-        budget = self._engine.n_batch
-        rows: list[Row] = []
-        stepped: list[Slot] = []
-        for slot in active:  # generating slots first: one token each keeps streams flowing
-            gen = slot.gen
-            assert gen is not None
-            if gen.next_token >= 0:
-                rows.append(Row(slot.seq, (gen.next_token,), len(slot.cached), True))
-                stepped.append(slot)
-                budget -= 1
-        for slot in active:
-            gen = slot.gen
-            assert gen is not None
-            if gen.next_token < 0 and budget > 0:
-                chunk = gen.prompt[gen.fed : gen.fed + budget]
-                last = gen.fed + len(chunk) == len(gen.prompt)
-                rows.append(Row(slot.seq, chunk, gen.fed, last))
-                stepped.append(slot)
-                budget -= len(chunk)
+        graded = self._pacer.graded  # requests without a grammar pay nothing of what follows
+        began = 0.0
+        if graded:
+            active = self._pacer.pace(active)
+            began = time.perf_counter()
+        rows, stepped = batch(active, self._engine.n_batch)
         try:
             indices = self._engine.decode(rows)
         except DecodeError as exc:
@@ -281,6 +323,9 @@ class Scheduler:
                 gen.fed += len(row.tokens)
             if index >= 0:
                 self._advance(slot, gen, index)
+        if graded:
+            for slot, why in self._pacer.settle(self._slots.all, time.perf_counter() - began):
+                self._fail(slot, ErrorCode.BAD_REQUEST, why)
 
     def _advance(self, slot: Slot, gen: Generation, index: int) -> None:
         """Sample the slot's next token and publish whatever complete text it yields."""
@@ -315,7 +360,7 @@ class Scheduler:
     def _fail(self, slot: Slot, code: ErrorCode, message: str) -> None:
         """End the slot's request with an error and forget its KV, which may be half written."""
         assert slot.gen is not None
-        self._report_error(slot.gen.job, code, message)
+        report_error(slot.gen.job, code, message)
         self._slots.forget(slot)
         self._release(slot)
 
@@ -324,24 +369,70 @@ class Scheduler:
         gen = slot.gen
         assert gen is not None
         self._end(gen.job)  # first: a node whose slots are free has no job left to cancel
+        if gen.job.grammar is not None:
+            self._pacer.graded -= 1
         slot.gen = None
         gen.close()
 
     def _end_with_error(self, job: Job, code: ErrorCode, message: str) -> None:
         """End a job that holds no slot with an error."""
-        self._report_error(job, code, message)
+        report_error(job, code, message)
         self._end(job)
-
-    def _report_error(self, job: Job, code: ErrorCode, message: str) -> None:
-        job.stream.error(code, message)
-        log.info(
-            "request_failed",
-            request_id=job.request.request_id,
-            client_id=job.client_id,
-            code=code.value,
-            error=message,
-        )
 
     def _end(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.key, None)
+
+
+def sampling(gen: GenerationSettings, req: ChatRequest, grammar: str | None) -> SamplingParams:
+    """A request's sampling: its own fields, else the node's [generation] settings."""
+    return SamplingParams(
+        temperature=gen.temperature if req.temperature is None else req.temperature,
+        top_p=gen.top_p if req.top_p is None else req.top_p,
+        top_k=gen.top_k if req.top_k is None else req.top_k,
+        min_p=gen.min_p,
+        repeat_penalty=gen.repeat_penalty,
+        repeat_last_n=gen.repeat_last_n,
+        seed=random.getrandbits(32) if req.seed is None else req.seed,
+        grammar=grammar,
+    )
+
+
+def holding(slots: list[Slot]) -> Counter[str]:
+    """Slots each client holds now."""
+    return Counter(s.gen.job.client_id for s in slots if s.gen is not None)
+
+
+def report_error(job: Job, code: ErrorCode, message: str) -> None:
+    job.stream.error(code, message)
+    log.info(
+        "request_failed",
+        request_id=job.request.request_id,
+        client_id=job.client_id,
+        code=code.value,
+        error=message,
+    )
+
+
+def batch(active: list[Slot], n_batch: int) -> tuple[list[Row], list[Slot]]:
+    """One decode step's rows (at most n_batch tokens), and the slot of each."""
+    budget = n_batch
+    rows: list[Row] = []
+    stepped: list[Slot] = []
+    for slot in active:  # generating slots first: one token each keeps streams flowing
+        gen = slot.gen
+        assert gen is not None
+        if gen.next_token >= 0:
+            rows.append(Row(slot.seq, (gen.next_token,), len(slot.cached), True))
+            stepped.append(slot)
+            budget -= 1
+    for slot in active:
+        gen = slot.gen
+        assert gen is not None
+        if gen.next_token < 0 and budget > 0:
+            chunk = gen.prompt[gen.fed : gen.fed + budget]
+            last = gen.fed + len(chunk) == len(gen.prompt)
+            rows.append(Row(slot.seq, chunk, gen.fed, last))
+            stepped.append(slot)
+            budget -= len(chunk)
+    return rows, stepped

@@ -35,6 +35,7 @@ from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
 from .fakeengine import FakeEngine, open_fake
+from .grammar import GrammarCompiler
 from .health import Health, status_payload
 from .homeassistant import Announcer, package_version
 from .intake import Intake
@@ -215,6 +216,8 @@ class Service:
             kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
             node=s.node_id,
             model_name=self.model_name,
+            grammars=GrammarCompiler(),
+            limits=s.limits,
         )
         inference = threading.Thread(target=scheduler.run, name="inference")
         inference.start()

@@ -37,6 +37,7 @@ from wyoming.ping import Ping, Pong
 
 from ..protocol import (
     ID_PATTERN,
+    NODE_BUILT,
     ChatRequest,
     ChunkMessage,
     DoneMessage,
@@ -318,6 +319,8 @@ class WyomingServer:
         return Intent(answer.name, entities, text=answer.speech, context=back).event()
 
     def _request(self, request_id: str, conversation_id: str, text: str) -> ChatRequest:
+        # The intent schema is the operator's (built from the names file), far past a
+        # device's schema bounds (thousands of enum values): node-built, unbounded.
         return ChatRequest.model_validate(
             {
                 "request_id": request_id,
@@ -327,7 +330,8 @@ class WyomingServer:
                 "format": self._schema,
                 "temperature": 0.0,  # the most likely intent, the same every time
                 "max_tokens": self._s.max_tokens,
-            }
+            },
+            context={NODE_BUILT: True},
         )
 
     async def _ask(self, client_id: str, request: ChatRequest) -> tuple[str, bool] | NotHandled:
@@ -345,7 +349,7 @@ class WyomingServer:
         if isinstance(admission, Refusal):
             return _refused(client_id, admission.code, admission.message)
         stream = ReplyStream(publish, "wyoming", request_id, on_end=admission.release)
-        refused = self._scheduler.submit(Job(client_id, request, stream))
+        refused = self._scheduler.submit(Job(client_id, request, stream, bounded=False))
         if refused is not None:
             admission.release()
             return _refused(client_id, refused, refused.value)

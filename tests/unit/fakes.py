@@ -10,9 +10,17 @@ it records each step's rows for the tests of batching order.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from qwen_edge.node.decoder import DecodeError, GrammarError, Row, SamplingParams
+from qwen_edge.node.decoder import (
+    Compiled,
+    DecodeError,
+    GrammarError,
+    OnCompiled,
+    Row,
+    SamplingParams,
+)
 
 END = 256  # the end-of-reply token; 0..255 are bytes
 
@@ -20,15 +28,18 @@ END = 256  # the end-of-reply token; 0..255 are bytes
 class FakeSampler:
     """Replies with the bytes of `reply`, then END."""
 
-    __slots__ = ("_at", "_reply", "closed")
+    __slots__ = ("_at", "_cost", "_reply", "closed", "grammar_seconds")
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes, grammar_cost: float = 0.0) -> None:
         self._reply = reply
         self._at = 0
         self.closed = False
+        self._cost = grammar_cost  # grammar seconds it reports per token (none spent)
+        self.grammar_seconds = 0.0
 
     def sample(self, index: int) -> int:
         assert not self.closed, "sampled after close"
+        self.grammar_seconds += self._cost
         at = self._at
         self._at = at + 1
         return self._reply[at] if at < len(self._reply) else END
@@ -54,6 +65,9 @@ class FakeEngine:
         self.kv: list[list[int]] = [[] for _ in range(slots)]  # each sequence's tokens
         self.steps: list[list[Row]] = []  # the rows of every decode call, in order
         self.samplers: list[FakeSampler] = []
+        # Grammar seconds a sampler with a grammar reports per token (without spending them);
+        # None: a grammar is refused (GrammarError), as llama.cpp may.
+        self.grammar_cost: float | None = None
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
@@ -99,9 +113,10 @@ class FakeEngine:
         if self.fail_sampler is not None:
             exc, self.fail_sampler = self.fail_sampler, None
             raise exc
-        if params.grammar is not None:
+        if params.grammar is not None and self.grammar_cost is None:
             raise GrammarError("the fake reads no grammar")
-        sampler = FakeSampler(self.reply.encode("utf-8"))
+        cost = self.grammar_cost if params.grammar is not None else 0.0
+        sampler = FakeSampler(self.reply.encode("utf-8"), cost or 0.0)
         self.samplers.append(sampler)
         return sampler
 
@@ -113,3 +128,20 @@ class FakeEngine:
 
     def is_end(self, token: int) -> bool:
         return token == END
+
+
+class FakeGrammars:
+    """A GrammarSource that hands every format a grammar at once: the fake engine ignores it, so
+    the scheduler's handling of formats runs without llama.cpp (the real compiler is tested with
+    the real parts)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def request(
+        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
+    ) -> None:
+        done(Compiled('root ::= "{}"'))
+
+    def close(self) -> None:
+        self.closed = True

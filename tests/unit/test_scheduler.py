@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from qwen_edge.node.conversations import ConversationStore
+from qwen_edge.node.decoder import Compiled
 from qwen_edge.node.replies import ReplyStream
 from qwen_edge.node.scheduler import Job, Scheduler
 from qwen_edge.protocol import ChatRequest, ErrorCode
-from qwen_edge.settings import GenerationSettings
+from qwen_edge.settings import GenerationSettings, LimitSettings
 
-from .fakes import FakeEngine
+from .fakes import FakeEngine, FakeGrammars
 
 WAIT = 5.0  # seconds any one test may wait for the loop; each takes milliseconds
 
@@ -31,12 +32,14 @@ class Replies:
     def __init__(self) -> None:
         self.messages: dict[str, list[dict[str, Any]]] = {}
         self.ended: list[str] = []  # request ids in the order their done/error went out
+        self.order: list[tuple[str, str]] = []  # (request id, type) of every message, in order
         self._changed = threading.Condition()
 
     def publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         message = json.loads(payload)
         with self._changed:
             self.messages.setdefault(message["request_id"], []).append(message)
+            self.order.append((message["request_id"], message["type"]))
             if message["type"] in ("done", "error"):
                 self.ended.append(message["request_id"])
             self._changed.notify_all()
@@ -74,6 +77,8 @@ class Node:
         n_ctx_seq: int = 512,
         queue_size: int = 4,
         kv_keep_bytes: int = 0,
+        limits: LimitSettings | None = None,
+        grammars: Any = None,
         **generation: Any,
     ) -> None:
         self.engine = FakeEngine(slots=slots, n_ctx_seq=n_ctx_seq, n_batch=n_batch)
@@ -87,6 +92,8 @@ class Node:
             kv_keep_bytes=kv_keep_bytes,
             node="node1",
             model_name="fake",
+            limits=limits,
+            grammars=grammars or FakeGrammars(),
         )
         self._thread: threading.Thread | None = None
 
@@ -95,8 +102,10 @@ class Node:
         stream = ReplyStream(self.replies.publish, f"reply/{client}", request_id)
         return Job(client, request, stream)
 
-    def submit(self, request_id: str, message: str = "hi", **fields: Any) -> Job:
-        job = self.job(request_id, message, **fields)
+    def submit(
+        self, request_id: str, message: str = "hi", client: str = "dev1", **fields: Any
+    ) -> Job:
+        job = self.job(request_id, message, client, **fields)
         assert self.scheduler.submit(job) is None
         return job
 
@@ -501,3 +510,117 @@ def test_a_new_conversation_takes_an_empty_slot_rather_than_evict_a_long_history
     end = node.ask("a2", "which fruits?", conversation_id="a")
     usage = first["usage"]
     assert end["usage"]["cached_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+# -- fair shares: the queue across clients -----------------------------------------------------
+
+
+def test_a_freed_slot_goes_to_the_next_client_in_turn_not_the_oldest_job(make: Make) -> None:
+    node = make(slots=1, queue_size=10)
+    flood = [f"f{i}" for i in range(6)]
+    for rid in flood:
+        node.submit(rid, client="flood", conversation_id="one")
+    node.submit("o1", client="other")
+    node.start()
+    node.replies.wait(*flood, "o1")
+    assert node.replies.ended[:3] == ["f0", "o1", "f1"]
+
+
+def test_a_client_holds_at_most_its_share_of_the_queue(make: Make) -> None:
+    node = make(slots=1, queue_size=10, limits=LimitSettings(max_queued_per_client=2))
+    node.submit("f0", client="flood")
+    node.submit("f1", client="flood")
+    assert node.scheduler.submit(node.job("f2", client="flood")) is ErrorCode.BUSY
+    node.submit("o1", client="other")
+    assert node.scheduler.load == (0, 3)
+
+
+def test_a_full_queue_gives_a_newcomer_the_newest_place_of_the_client_holding_most(
+    make: Make,
+) -> None:
+    node = make(slots=1, queue_size=3)  # 1 free slot + 3 places
+    for i in range(4):
+        node.submit(f"f{i}", client="flood")
+    assert node.scheduler.submit(node.job("f4", client="flood")) is ErrorCode.BUSY
+    node.submit("o1", client="other")  # takes f3's place
+    node.submit("o2", client="other")  # takes f2's (flood 3, other 1)
+    assert node.scheduler.submit(node.job("o3", client="other")) is ErrorCode.BUSY  # 2 and 2
+    for rid in ("f3", "f2"):
+        end = node.replies.end(rid)
+        assert (end["code"], end["seq"]) == ("busy", 0) and "held the most" in end["message"]
+    node.start()
+    node.replies.wait("f0", "f1", "o1", "o2")
+    assert node.replies.ended[2:] == ["f0", "o1", "f1", "o2"]
+
+
+# -- format: compiled off the loop, paced by its share -----------------------------------------
+
+
+class HeldGrammars:
+    """A GrammarSource whose compiles finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[Callable[[Compiled], None]] = []
+        self.closed = False
+
+    def request(self, fmt: Any, done: Callable[[Compiled], None], **kw: Any) -> None:
+        self.pending.append(done)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+def test_a_request_waits_for_its_grammar_without_holding_back_others(make: Make) -> None:
+    grammars = HeldGrammars()
+    node = make(slots=1, grammars=grammars)
+    node.engine.grammar_cost = 0.0
+    node.submit("schema", client="a", format=SCHEMA)
+    node.submit("bad", client="a", format=SCHEMA, conversation_id="c2")
+    node.submit("plain", client="b")
+    node.start()
+    node.replies.wait("plain")  # served while a's format compiles
+    assert "schema" not in node.replies.messages and node.scheduler.load[1] == 2
+    grammars.pending[1](Compiled(None, "the schema has more than 500 parts"))
+    node.replies.wait("bad")  # refused at once, without a slot and without start
+    end = node.replies.end("bad")
+    assert (end["code"], end["seq"], end["message"]) == (
+        "bad_request",
+        0,
+        "format: the schema has more than 500 parts",
+    )
+    grammars.pending[0](Compiled("root ::= [0-9]"))
+    node.replies.wait("schema")
+    assert node.replies.end("schema")["finish_reason"] == "stop"
+    node.close()
+    assert grammars.closed  # the loop stops its compiler
+
+
+def test_a_grammar_over_its_share_sits_out_while_others_generate(make: Make) -> None:
+    node = make(slots=2, limits=LimitSettings(grammar_share=0.1, grammar_step_ms=5000))
+    node.engine.reply = "a long plain reply"
+    node.engine.grammar_cost = 1.0  # a second of grammar work per token, as the fake says
+    node.submit("graded", client="a", format="json")
+    node.submit("plain", client="b")
+    node.start()
+    node.replies.wait("graded", "plain")
+    order = node.replies.order
+    plain_done = order.index(("plain", "done"))
+    # The graded request sampled once (a second of debt), then sat out every step the plain
+    # one took; alone, it runs again (nobody waits on it).
+    assert order[:plain_done].count(("graded", "chunk")) <= 1
+    assert node.replies.text("graded") == node.replies.text("plain")
+
+
+def test_one_tokens_grammar_past_the_step_limit_ends_the_request(make: Make) -> None:
+    node = make(slots=2, limits=LimitSettings(grammar_step_ms=1000))
+    node.engine.grammar_cost = 2.0
+    node.submit("graded", client="a", format="json")
+    node.submit("plain", client="b")
+    node.start()
+    node.replies.wait("graded", "plain")
+    end = node.replies.end("graded")
+    assert end["code"] == "bad_request" and "limits.grammar_step_ms" in end["message"]
+    assert node.replies.end("plain")["finish_reason"] == "stop"
