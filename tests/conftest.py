@@ -4,6 +4,7 @@ harness's names from devtools.harness."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 
 from devtools.harness import SMOLLM, Broker, Daemon, Probe
+from qwen_edge import settings as settings_module
+from qwen_edge.settings import Settings
 
 UNIT = Path(__file__).resolve().parent / "unit"
 
@@ -21,6 +24,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if UNIT in item.path.parents:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """Settings as a fresh node sees them: no QWEN_EDGE_* from the outside, no
+    /etc/qwen-edge/config.toml. Yields the monkeypatch for more."""
+    for name in list(os.environ):
+        if name.upper().startswith("QWEN_EDGE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
+    yield monkeypatch
+    Settings.toml_file = None
 
 
 @pytest.fixture

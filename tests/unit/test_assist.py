@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from qwen_edge import settings as settings_module
 from qwen_edge.formatschema import canonical, plain_schema
 from qwen_edge.node.assist import (
     Entities,
@@ -33,19 +30,11 @@ from qwen_edge.node.wyoming import (
     read_event,
 )
 from qwen_edge.protocol import ID_PATTERN
-from qwen_edge.settings import ConfigError, Settings, load_settings
+from qwen_edge.settings import ConfigError, load_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 HOUSE = Entities(("kitchen light", "shopping list"), ("kitchen", "living room"))
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("QWEN_EDGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
-    yield
-    Settings.toml_file = None
 
 
 def test_names_file_is_read_and_checked(tmp_path: Path) -> None:

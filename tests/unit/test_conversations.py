@@ -17,6 +17,8 @@ from qwen_edge.node.conversations import (
     fit_prompt,
 )
 
+from ..helpers import Clock
+
 Turns = list[tuple[str, str]]
 Render = Callable[[list[dict[str, str]]], list[int]]
 
@@ -153,16 +155,6 @@ def test_fit_matches_a_linear_search_for_the_longest_fitting_history(
 
 
 # -- ConversationStore -------------------------------------------------------------------------
-
-
-class Clock:
-    """A stand-in for the time module as seen by qwen_edge.node.conversations."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ two cores) against a real mosquitto.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -43,14 +42,6 @@ POOL = "pool"
 
 
 # -- settings ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.startswith("QWEN_EDGE_"):
-            monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def test_fleet_settings_defaults_and_environment(clean_env: pytest.MonkeyPatch) -> None:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
 
-from qwen_edge import settings as settings_module
 from qwen_edge.node.homeassistant import (
     ENTITIES,
     RECORD_FILE,
@@ -27,6 +24,8 @@ from qwen_edge.node.homeassistant import (
     device_id,
 )
 from qwen_edge.settings import ConfigError, Settings, load_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 DISCOVERY = "homeassistant"
 # Payloads as docs/protocol.md shows them; the daemon test renders the real ones.
@@ -42,16 +41,6 @@ STATS = {
     "requests_done": 118,
     "ts": 1764070000.123,
 }
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("QWEN_EDGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
-    yield
-    Settings.toml_file = None
 
 
 def settings(node: str = "pi", enabled: bool = True, **more: Any) -> Settings:

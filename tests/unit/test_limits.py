@@ -13,13 +13,7 @@ from qwen_edge.node.limits import Admission, ClientLimits, Refusal
 from qwen_edge.protocol import ErrorCode
 from qwen_edge.settings import LimitSettings
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from ..helpers import Clock
 
 
 def limiter(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,9 @@ import pytest
 from qwen_edge import settings as settings_module
 from qwen_edge.settings import ConfigError, Settings, load_settings
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 SECRET = "s3cr3t-Pa55-7f1c"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No QWEN_EDGE_* from the outside, and no /etc/qwen-edge/config.toml."""
-    for name in list(os.environ):
-        if name.upper().startswith("QWEN_EDGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
-    yield
-    Settings.toml_file = None
 
 
 def toml(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

@@ -15,6 +15,8 @@ from qwen_edge.node.replies import ReplyStream
 from qwen_edge.node.text import StopStrings, TextAssembler
 from qwen_edge.protocol import ErrorCode, FinishReason
 
+from ..helpers import Clock
+
 PROPERTY = settings(max_examples=200, deadline=None)
 
 # Text rich in multi-byte characters: CJK, emoji (incl. ZWJ sequences), combining marks, and the
@@ -44,6 +46,8 @@ characters = (
     | st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF)
     | st.characters(min_codepoint=0x0300, max_codepoint=0x036F)
 )
+
+
 texts = st.lists(characters | special, max_size=60).map("".join)
 
 
@@ -431,14 +435,6 @@ def test_nothing_comes_after_a_stop_string() -> None:
 
 
 # -- ReplyStream: chunk pacing -----------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @settings(max_examples=200, deadline=None)
