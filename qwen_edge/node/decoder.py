@@ -1,7 +1,7 @@
 """What the scheduler needs of an engine, and nothing of llama.cpp: the rows of a decode step,
 a request's sampling parameters, the engine and sampler protocols, their errors, and the grammar
-source a format's grammar comes from. The real engine
-(engine.py, llama.cpp) and the fakes (fakeengine.py, the unit tests) implement it; the scheduler,
+source a format's grammar comes from. The real engine (engine.py, llama.cpp), the paced
+stand-in (pacedengine.py, `fake://40ms`) and the unit tests' fake implement it; the scheduler,
 the intake and the unit tier import only this."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""A stand-in engine without a model: a token every N ms, for measuring everything but inference.
+"""PacedEngine, a stand-in without a model: a token every N ms, to measure all but inference.
 
 `model.path = "fake://40ms"` selects it (scripts/bench --fleet runs 16 nodes on 2 cores this way):
 each decode step waits until N ms after the previous one and every generating slot gets one more
 token, a word from a short list. Prompts are "tokenised" as every 4th byte of the messages, so
 prefix reuse and the KV keep store behave as with a model; KV states are empty. Only
-open_fake() knows the spelling of the path.
+open_paced() knows the spelling of the path.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ _WORDS: Final = tuple(
 )
 
 
-def open_fake(settings: ModelSettings) -> FakeEngine | None:
-    """A FakeEngine if `settings.path` asks for one (`fake://<milliseconds>ms`), else None."""
+def open_paced(settings: ModelSettings) -> PacedEngine | None:
+    """A PacedEngine if `settings.path` asks for one (`fake://<milliseconds>ms`), else None."""
     match = _FAKE_PATH.fullmatch(str(settings.path))
-    return None if match is None else FakeEngine(settings, float(match.group(1)) / 1000)
+    return None if match is None else PacedEngine(settings, float(match.group(1)) / 1000)
 
 
-class FakeSampler:
+class PacedSampler:
     """Picks the next word of _WORDS; needs no logits."""
 
     __slots__ = ("_next",)
@@ -50,7 +50,7 @@ class FakeSampler:
         pass
 
 
-class FakeEngine:
+class PacedEngine:
     """An EngineLike with none of Engine's state: no model, no context, no logits."""
 
     def __init__(self, settings: ModelSettings, interval: float) -> None:
@@ -96,8 +96,8 @@ class FakeEngine:
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize("\n".join(f"{m['role']}: {m['content']}" for m in messages))
 
-    def new_sampler(self, params: SamplingParams) -> FakeSampler:
-        return FakeSampler(params.seed)  # a format's grammar is not followed
+    def new_sampler(self, params: SamplingParams) -> PacedSampler:
+        return PacedSampler(params.seed)  # a format's grammar is not followed
 
     def piece(self, token: int) -> bytes:
         return _WORDS[token % len(_WORDS)]
