@@ -205,6 +205,7 @@ class Daemon:
             # Tests send many requests from one client id; tests of the limits set their own.
             QWEN_EDGE_LIMITS__REQUESTS_PER_MINUTE="0",
             QWEN_EDGE_LIMITS__MAX_CONVERSATIONS_PER_CLIENT="0",
+            QWEN_EDGE_LIMITS__MAX_QUEUED_PER_CLIENT="0",
             # Never the real /var/lib/qwen-edge; a test that restarts a node passes its own.
             QWEN_EDGE_SERVICE__STATE_DIR=str(self.workdir / "state"),
         )
