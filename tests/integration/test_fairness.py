@@ -31,6 +31,7 @@ def daemon(module_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> I
         QWEN_EDGE_MODEL__QUEUE_SIZE="16",
         QWEN_EDGE_LIMITS__REQUESTS_PER_MINUTE="600",
         QWEN_EDGE_LIMITS__BURST="40",
+        QWEN_EDGE_LIMITS__MAX_QUEUED_PER_CLIENT="8",  # the default, which the harness lifts
         # Any grammar work of a token is over this: the bound's mechanism, not a timing.
         QWEN_EDGE_LIMITS__GRAMMAR_STEP_MS="0.001",
         QWEN_EDGE_FLEET__ENABLED="false",
