@@ -18,7 +18,7 @@ each ratio is the median of the per-round ratios, so slow drift of the machine c
 
 The default model has Qwen2.5-0.5B-Instruct's exact shape with random weights, Q4_K_M
 (scripts/make-model --shape qwen2.5-0.5b): its speed and memory are the real model's; its text is
-noise. scripts/bench runs main(); the functions are importable (tests/test_bench.py).
+noise. scripts/bench runs main(); the functions are importable (tests/integration/test_bench.py).
 """
 
 from __future__ import annotations
@@ -1060,7 +1060,7 @@ def grammar_bench(args: argparse.Namespace) -> dict[str, Any]:
             plain, second = Client(broker.port, "plain"), Client(broker.port, "second")
             plain.send("warm up", "warm", 4).finished.wait(300)
             for rnd in range(args.rounds):  # interleaved: drift of the machine cancels out
-                r = {
+                r: dict[str, Any] = {
                     "beside_plain": beside(plain, second, decode_n, None),
                     "beside_schema": beside(plain, second, decode_n, WORST_SCHEMA),
                 }

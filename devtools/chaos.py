@@ -15,7 +15,7 @@ The broker and the daemon are started exactly as the test suite starts them (dev
 tests/broker/plain.conf, persistence on, set_tcp_nodelay). Exit status 1 when anything was lost
 or inconsistent, or (soak) the RSS grew by more than --rss-limit per cent after the warm-up.
 
-scripts/chaos runs main(); tests/test_chaos.py imports the rest.
+scripts/chaos runs main(); tests/integration/test_chaos.py imports the rest.
 """
 
 from __future__ import annotations

@@ -196,11 +196,16 @@ class Daemon:
             QWEN_EDGE_MQTT__RECONNECT_MIN_DELAY="0.5",
             QWEN_EDGE_MQTT__RECONNECT_MAX_DELAY="1",
             QWEN_EDGE_MODEL__N_CTX="2048",
+            # One inference thread: test modules run side by side (scripts/test, pytest-xdist),
+            # and llama.cpp's threads spin while they wait for each other, so daemons with a
+            # thread per core each would take the cores from one another.
+            QWEN_EDGE_MODEL__THREADS="1",
             QWEN_EDGE_NODE_ID=NODE,
             QWEN_EDGE_SERVICE__LOG_FORMAT="json",
             # Tests send many requests from one client id; tests of the limits set their own.
             QWEN_EDGE_LIMITS__REQUESTS_PER_MINUTE="0",
             QWEN_EDGE_LIMITS__MAX_CONVERSATIONS_PER_CLIENT="0",
+            QWEN_EDGE_LIMITS__MAX_QUEUED_PER_CLIENT="0",
             # Never the real /var/lib/qwen-edge; a test that restarts a node passes its own.
             QWEN_EDGE_SERVICE__STATE_DIR=str(self.workdir / "state"),
         )

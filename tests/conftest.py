@@ -1,9 +1,10 @@
 """Fixtures over devtools/harness.py (a mosquitto on a free port, the daemon as a process, a probe
-client, the models), and the `unit` marker for tests that run in-process. Test modules import the
+client, the models), and the `unit` marker for the tests in tests/unit/. Test modules import the
 harness's names from devtools.harness."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,29 +12,30 @@ from typing import Any
 import pytest
 
 from devtools.harness import SMOLLM, Broker, Daemon, Probe
+from qwen_edge import settings as settings_module
+from qwen_edge.settings import Settings
 
-# Modules whose tests need no broker, daemon or other process and run in seconds: `scripts/test
-# --unit` runs them (pytest -m unit). A test in one of them that does start a process says so
-# with @pytest.mark.subprocess and stays out.
-UNIT_MODULES = frozenset(
-    {
-        "test_assist",
-        "test_conversations",
-        "test_intake",
-        "test_kvstore",
-        "test_modelfile",
-        "test_protocol",
-        "test_settings",
-        "test_statestore",
-        "test_text",
-    }
-)
+UNIT = Path(__file__).resolve().parent / "unit"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The marker follows the folder: tests/unit/ runs in-process, without a compiler, a broker,
+    # a daemon or any other process (scripts/test --unit); everything else uses the real parts.
     for item in items:
-        if item.path.stem in UNIT_MODULES and item.get_closest_marker("subprocess") is None:
+        if UNIT in item.path.parents:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """Settings as a fresh node sees them: no QWEN_EDGE_* from the outside, no
+    /etc/qwen-edge/config.toml. Yields the monkeypatch for more."""
+    for name in list(os.environ):
+        if name.upper().startswith("QWEN_EDGE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
+    yield monkeypatch
+    Settings.toml_file = None
 
 
 @pytest.fixture

@@ -8,15 +8,13 @@ sampler chain.
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import llama_cpp
 import numpy as np
@@ -25,6 +23,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..settings import ModelSettings
 from .budget import MIB, BudgetError, MemoryPlan, plan_memory
+from .decoder import DecodeError, GrammarError, Row, SamplingParams
 from .modelfile import ModelError
 
 log = structlog.get_logger("qwen_edge.node.engine")
@@ -35,44 +34,6 @@ CHATML_TEMPLATE: Final = (
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class DecodeError(Exception):
-    """llama_decode failed."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"llama_decode returned {code}")
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    repeat_penalty: float
-    repeat_last_n: int
-    seed: int
-    grammar: str | None = None  # GBNF the reply must follow (root rule `root`)
-
-
-class GrammarError(ValueError):
-    """llama.cpp could not read a grammar."""
-
-
-class TokenSampler(Protocol):
-    """Picks one request's tokens; bound to its engine, so callers never see a llama context."""
-
-    def sample(self, index: int) -> int:
-        """Sample (and accept) the next token from the logits of the last decode's row `index`."""
-
-    def close(self) -> None:
-        """Free what the sampler holds; called once, when its request ends."""
-
-    @property
-    def grammar_seconds(self) -> float:
-        """Time spent on the request's grammar so far (0 without one); read per step by the
-        scheduler for requests with a grammar only."""
 
 
 class Sampler:
@@ -196,121 +157,6 @@ def _token_array(data: np.ndarray[Any, Any]) -> Any:
         selected=-1,
         sorted=False,
     )
-
-
-class TextAssembler:
-    """Turns token pieces into text that never splits a UTF-8 character.
-
-    Bytes of a character split across tokens wait until the character is complete; bytes that can
-    never form a character (a model may emit them) are dropped, as llama-cpp-python does.
-    """
-
-    __slots__ = ("_decode",)
-
-    def __init__(self) -> None:
-        self._decode = codecs.getincrementaldecoder("utf-8")("ignore").decode
-
-    def push(self, piece: bytes) -> str:
-        return self._decode(piece)
-
-    def flush(self) -> str:
-        return self._decode(b"", True)
-
-
-class StopStrings:
-    """Cuts a reply at the first stop string, holding back only text that could still become one.
-
-    The reply ends where a stop string is first complete (of two completed by the same text, the
-    longer); the text before it is the reply, the stop string and anything after are never
-    published.
-    """
-
-    __slots__ = ("_held", "_stops", "hit")
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(stops)
-        self._held = ""  # the longest tail of the text so far that begins some stop string
-        self.hit = False  # a stop string was found: nothing more comes
-
-    def push(self, text: str) -> str:
-        """The text that can be published now."""
-        if self.hit:
-            return ""
-        pending = self._held + text
-        cut = end = -1
-        for stop in self._stops:
-            # The held tail contains no whole stop string, so any match ends in `text`.
-            i = pending.find(stop)
-            if i >= 0 and (end < 0 or i + len(stop) < end or (i + len(stop) == end and i < cut)):
-                cut, end = i, i + len(stop)
-        if cut >= 0:
-            self.hit = True
-            self._held = ""
-            return pending[:cut]
-        keep = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(pending)), keep, -1):
-                if pending.endswith(stop[:n]):
-                    keep = n
-                    break
-        self._held = pending[len(pending) - keep :]
-        return pending[: len(pending) - keep]
-
-    def flush(self, text: str = "") -> str:
-        """The last text of a reply that ends for another reason: the held tail is no stop."""
-        out = self.push(text) + self._held
-        self._held = ""
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One sequence's share of a decode batch: tokens at positions pos.. for seq; `logits` marks
-    whether the last token's logits are wanted."""
-
-    seq: int
-    tokens: Sequence[int]
-    pos: int
-    logits: bool
-
-
-class EngineLike(Protocol):
-    """What the scheduler needs of an engine: Engine, or a fake in tests and benchmarks.
-
-    Called from one thread only. Sequences are numbered 0..slots-1, each with room for
-    n_ctx_seq tokens.
-    """
-
-    @property
-    def slots(self) -> int: ...
-    @property
-    def n_ctx_seq(self) -> int: ...
-    @property
-    def n_batch(self) -> int: ...
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The tokens of `messages` in the chat template, ready for the assistant's turn."""
-
-    def decode(self, rows: Sequence[Row]) -> list[int]:
-        """Evaluate the rows in one step (at most n_batch tokens); each row's logits index, -1
-        for none. Raises DecodeError."""
-
-    def forget(self, seq: int, keep: int = 0) -> None:
-        """Drop the KV cells of `seq` from position `keep` on."""
-
-    def seq_state_size(self, seq: int) -> int: ...
-    def save_seq(self, seq: int) -> ctypes.Array[ctypes.c_uint8]: ...
-    def restore_seq(self, seq: int, state: ctypes.Array[ctypes.c_uint8]) -> bool:
-        """Load a saved sequence into `seq`; False (and `seq` empty) if it was refused."""
-
-    def new_sampler(self, params: SamplingParams) -> TokenSampler:
-        """A sampler for one request, bound to this engine's logits. Raises GrammarError."""
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token stands for."""
-
-    def is_end(self, token: int) -> bool:
-        """Whether `token` ends the reply."""
 
 
 _LOG_LEVEL_ERROR: Final = 4  # GGML_LOG_LEVEL_ERROR

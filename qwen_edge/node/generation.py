@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..protocol import FinishReason
-from .engine import StopStrings, TextAssembler, TokenSampler
+from .decoder import TokenSampler
+from .text import StopStrings, TextAssembler
 
 if TYPE_CHECKING:
     from .scheduler import Job

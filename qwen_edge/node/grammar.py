@@ -19,15 +19,15 @@ import json
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from collections.abc import Mapping
+from typing import Any, Final
 
 import jsonschema
 import structlog
 from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, json_schema_to_gbnf
 
 from ..formatschema import UnsupportedSchema, canonical, check_size, plain_schema
+from .decoder import Compiled, OnCompiled
 
 log = structlog.get_logger("qwen_edge.node.grammar")
 
@@ -42,7 +42,7 @@ STRICT_CHAR_RULE: Final = CHAR_RULE.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1
 MAX_GRAMMAR_BYTES: Final = 65536
 CACHE_SIZE: Final = 64  # grammars (or refusals) kept, by the schema's canonical text
 
-__all__ = ["Compiled", "GrammarCompiler", "GrammarSource", "UnsupportedSchema", "grammar_for"]
+__all__ = ["Compiled", "GrammarCompiler", "UnsupportedSchema", "grammar_for"]
 
 
 def grammar_for(fmt: str | Mapping[str, Any]) -> str:
@@ -82,29 +82,6 @@ def _schema_grammar(text: str, *, bounded: bool) -> str:
     # Only the converter's char rule holds this text: literals with quotes or backslashes are
     # refused by the walk.
     return grammar.replace(f"::= {CHAR_RULE}", f"::= {STRICT_CHAR_RULE}")
-
-
-@dataclass(frozen=True, slots=True)
-class Compiled:
-    """A format's grammar, or why it has none (a message fit for the client)."""
-
-    grammar: str | None
-    error: str | None = None
-
-
-OnCompiled = Callable[[Compiled], None]
-
-
-class GrammarSource(Protocol):
-    """What the scheduler needs: a format's grammar, handed to `done` on some thread (maybe
-    the caller's, at once, when it is known). `bounded` False: a format the node built itself
-    (formatschema.plain_schema)."""
-
-    def request(
-        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
-    ) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class GrammarCompiler:

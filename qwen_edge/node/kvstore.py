@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .conversations import ConversationKey, build_messages, common_prefix, shared_start
-from .engine import EngineLike
+from .decoder import EngineLike
 
 if TYPE_CHECKING:
     from .generation import Generation

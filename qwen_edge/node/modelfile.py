@@ -33,7 +33,7 @@ _STRING: Final = 8
 _ARRAY: Final = 9
 
 # ggml tensor types -> (elements per block, bytes per block), as llama.cpp's ggml defines them
-# (tests/test_modelfile.py checks this against the gguf package). A type missing here is one
+# (tests/unit/test_modelfile.py checks this against the gguf package). A type missing here is one
 # newer than this table: its tensors' sizes are not checked, the rest of the file still is.
 GGML_BLOCKS: Final[dict[int, tuple[int, int]]] = {
     0: (1, 4),  # F32

@@ -32,9 +32,16 @@ from .conversations import (
     ConversationStore,
     fit_prompt,
 )
-from .engine import DecodeError, EngineLike, GrammarError, Row, SamplingParams
+from .decoder import (
+    Compiled,
+    DecodeError,
+    EngineLike,
+    GrammarError,
+    GrammarSource,
+    Row,
+    SamplingParams,
+)
 from .generation import Generation
-from .grammar import Compiled, GrammarCompiler, GrammarSource
 from .kvstore import Slot, Slots
 from .pacing import GrammarPacer
 from .replies import ReplyStream
@@ -86,14 +93,15 @@ class Scheduler:
         kv_keep_bytes: int,
         node: str,
         model_name: str,
+        grammars: GrammarSource,
         limits: LimitSettings | None = None,
-        grammars: GrammarSource | None = None,
     ) -> None:
-        # limits None: LimitSettings' grammar budget, no per-client queue cap. grammars None: a
-        # GrammarCompiler of its own, stopped when run() returns.
+        # grammars: where formats' grammars come from (grammar.GrammarCompiler; injected, so that
+        # the scheduler imports nothing of llama.cpp), closed when run() returns. limits None:
+        # LimitSettings' grammar budget, no per-client queue cap.
         limits = limits or LimitSettings(max_queued_per_client=0)
         self._pacer = GrammarPacer(limits.grammar_share, limits.grammar_step_ms / 1000)
-        self._grammars = grammars or GrammarCompiler()
+        self._grammars = grammars
         self._engine = engine
         self._store = store
         self._gen = generation

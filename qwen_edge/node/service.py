@@ -34,7 +34,7 @@ from .assist import Entities, load_entities
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
-from .fakeengine import FakeEngine, open_fake
+from .grammar import GrammarCompiler
 from .health import Health, status_payload
 from .homeassistant import Announcer, package_version
 from .intake import Intake
@@ -42,6 +42,7 @@ from .journal import RequestJournal
 from .limits import ClientLimits
 from .link import Inbound, MqttLink, Subscription
 from .modelfile import ModelError, verify_model_file
+from .pacedengine import PacedEngine, open_paced
 from .scheduler import Scheduler
 from .statestore import StateStore, state_directory
 from .wyoming import WyomingServer
@@ -168,12 +169,12 @@ class Service:
         )
         return state, conversations
 
-    def _load_model(self) -> Engine | FakeEngine | None:
+    def _load_model(self) -> Engine | PacedEngine | None:
         """The model file checked, then loaded; None: it is unusable (logged)."""
         s = self.settings
         try:
             # `fake://40ms`: no model, a token every 40 ms (scripts/bench --fleet).
-            fake = open_fake(s.model)
+            fake = open_paced(s.model)
             if fake is None:
                 systemd_notify.notify("STATUS=checking model file")
                 with phase("model_verified") as logged:
@@ -183,7 +184,7 @@ class Service:
                     )
                 systemd_notify.notify("STATUS=loading model")
             with phase("model_loaded") as logged:
-                engine: Engine | FakeEngine = fake or Engine(s.model)
+                engine: Engine | PacedEngine = fake or Engine(s.model)
                 logged.update(
                     model=self.model_name,
                     path=str(s.model.path),
@@ -198,7 +199,7 @@ class Service:
         return engine
 
     def _open_intake(
-        self, engine: Engine | FakeEngine, conversations: ConversationStore
+        self, engine: Engine | PacedEngine, conversations: ConversationStore
     ) -> tuple[Scheduler, threading.Thread]:
         """The scheduler on its inference thread; the intake hands it the requests kept while
         loading, then every delivery straight away."""
@@ -215,6 +216,7 @@ class Service:
             kv_keep_bytes=s.model.kv_keep_mb * 1024 * 1024,
             node=s.node_id,
             model_name=self.model_name,
+            grammars=GrammarCompiler(),
             limits=s.limits,
         )
         inference = threading.Thread(target=scheduler.run, name="inference")
@@ -297,7 +299,7 @@ class Service:
         self.health.start_stats()
 
     def _shutdown(
-        self, scheduler: Scheduler, inference: threading.Thread, engine: Engine | FakeEngine
+        self, scheduler: Scheduler, inference: threading.Thread, engine: Engine | PacedEngine
     ) -> None:
         began = time.monotonic()
         systemd_notify.notify("STOPPING=1", "STATUS=draining")

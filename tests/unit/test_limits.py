@@ -1,0 +1,166 @@
+"""Per-client limits: the limiter's logic with a fake clock, then the real daemon refusing a flood,
+an oversized payload and one conversation too many, while other clients are served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen_edge.node.limits import Admission, ClientLimits, Refusal
+from qwen_edge.protocol import ErrorCode
+from qwen_edge.settings import LimitSettings
+
+from ..helpers import Clock
+
+
+def limiter(
+    rpm: float = 60, burst: int = 3, conversations: int = 2, **kw: Any
+) -> tuple[ClientLimits, Clock]:
+    clock = Clock()
+    settings = LimitSettings(
+        requests_per_minute=rpm, burst=burst, max_conversations_per_client=conversations
+    )
+    return ClientLimits(settings, clock=clock, **kw), clock
+
+
+def ok(verdict: Admission | Refusal) -> bool:
+    return isinstance(verdict, Admission)
+
+
+# -- the limiter -------------------------------------------------------------------------------
+
+
+def test_burst_passes_then_the_rate_applies_with_a_retry_hint() -> None:
+    limits, clock = limiter(rpm=6, burst=3, conversations=0)
+    assert all(ok(limits.admit("a", f"r{i}", "c")) for i in range(3))
+    refusal = limits.admit("a", "r3", "c")
+    assert isinstance(refusal, Refusal) and refusal.code is ErrorCode.RATE_LIMITED
+    assert refusal.retry_after == pytest.approx(10.0, abs=0.2)  # one token per 10 s
+    assert "6 requests per minute" in refusal.message
+    clock.now += refusal.retry_after
+    assert ok(limits.admit("a", "r4", "c"))  # the hint was enough
+    assert not ok(limits.admit("a", "r5", "c"))
+
+
+def test_one_clients_flood_does_not_touch_anothers_bucket() -> None:
+    limits, _ = limiter(rpm=1, burst=2, conversations=0)
+    refused = [limits.admit("flood", f"r{i}", "c") for i in range(100)]
+    assert sum(ok(r) for r in refused) == 2
+    assert ok(limits.admit("calm", "r0", "c"))
+    assert ok(limits.admit("calm", "r1", "c"))
+
+
+def test_tokens_refill_at_the_rate_up_to_the_burst() -> None:
+    limits, clock = limiter(rpm=60, burst=2, conversations=0)
+    clock.now += 3600  # a long idle time earns no more than the burst
+    assert ok(limits.admit("a", "r0", "c"))
+    assert ok(limits.admit("a", "r1", "c"))
+    assert not ok(limits.admit("a", "r2", "c"))
+    clock.now += 1.0
+    assert ok(limits.admit("a", "r3", "c"))
+
+
+def test_zero_rate_means_no_rate_limit() -> None:
+    limits, _ = limiter(rpm=0, burst=1, conversations=0)
+    assert all(ok(limits.admit("a", f"r{i}", "c")) for i in range(1000))
+    assert limits.tracked_clients == 0
+
+
+def test_open_conversations_are_capped_and_freed_when_replies_end() -> None:
+    limits, _ = limiter(rpm=0, conversations=2)
+    r1 = limits.admit("a", "r1", "c1")
+    assert isinstance(r1, Admission) and ok(limits.admit("a", "r2", "c2"))
+    refusal = limits.admit("a", "r3", "c3")
+    assert isinstance(refusal, Refusal) and refusal.code is ErrorCode.TOO_MANY_CONVERSATIONS
+    assert refusal.retry_after is None
+    r4 = limits.admit("a", "r4", "c1")  # the same conversation again is not a new one
+    assert isinstance(r4, Admission)
+    assert ok(limits.admit("b", "r1", "c9"))  # per client
+    r1.release()
+    assert not ok(limits.admit("a", "r5", "c3"))  # r4 still holds c1
+    r4.release()
+    assert ok(limits.admit("a", "r5", "c3"))
+    r4.release()  # twice: harmless, frees nothing more
+    assert not ok(limits.admit("a", "r6", "c4"))
+
+
+def test_a_redelivered_request_in_flight_costs_nothing() -> None:
+    limits, _ = limiter(rpm=60, burst=1, conversations=1)
+    assert ok(limits.admit("a", "r1", "c1"))
+    # QoS 1 may deliver r1 again while it runs: neither rate- nor conversation-limited (the
+    # scheduler drops it as a duplicate).
+    assert ok(limits.admit("a", "r1", "c1"))
+    assert not ok(limits.admit("a", "r2", "c1"))  # but the bucket is empty for new ones
+
+
+def test_a_duplicate_frees_nothing_it_did_not_take() -> None:
+    limits, _ = limiter(rpm=0, conversations=1)
+    original = limits.admit("a", "r1", "c1")
+    duplicate = limits.admit("a", "r1", "c1")
+    assert isinstance(original, Admission) and isinstance(duplicate, Admission)
+    assert original.counted and not duplicate.counted
+    duplicate.release()  # the duplicate is dropped: the original still runs
+    refusal = limits.admit("a", "r2", "c2")
+    assert isinstance(refusal, Refusal) and refusal.code is ErrorCode.TOO_MANY_CONVERSATIONS
+    original.release()
+    assert ok(limits.admit("a", "r2", "c2"))
+
+
+def test_a_request_kept_while_loading_is_charged_once() -> None:
+    limits, _ = limiter(rpm=6, burst=1, conversations=0)
+    assert limits.charge("a") is None  # on arrival, while the model loads
+    assert ok(limits.admit("a", "r1", "c1", charge=False))  # served later: no second token
+    refused = limits.charge("a")
+    assert refused is not None and refused.code is ErrorCode.RATE_LIMITED
+
+
+def test_bucket_table_stays_bounded_under_a_flood_of_client_ids() -> None:
+    limits, _ = limiter(rpm=60, burst=1, conversations=0, max_clients=100)
+    for i in range(10_000):
+        admission = limits.admit(f"fake-{i}", "r", "c")
+        assert isinstance(admission, Admission)
+        admission.release()
+    assert limits.tracked_clients == 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "release"]),
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(["r1", "r2", "r3", "r4"]),
+            st.sampled_from(["c1", "c2", "c3"]),
+            st.floats(0, 30),
+        ),
+        max_size=60,
+    )
+)
+def test_open_conversations_never_exceed_the_cap_and_all_release(
+    steps: list[tuple[str, str, str, str, float]],
+) -> None:
+    limits, clock = limiter(rpm=30, burst=2, conversations=2)
+    # What the service does: each admission is released once, duplicates' right away.
+    admitted: dict[tuple[str, str], tuple[str, Admission]] = {}
+    for action, client, rid, conversation, wait in steps:
+        clock.now += wait
+        if action == "admit":
+            verdict = limits.admit(client, rid, conversation)
+            if isinstance(verdict, Admission):
+                if (client, rid) in admitted:
+                    verdict.release()
+                else:
+                    admitted[(client, rid)] = (conversation, verdict)
+        elif (client, rid) in admitted:
+            admitted.pop((client, rid))[1].release()
+        for who in ("a", "b"):
+            assert len({c for (k, _), (c, _) in admitted.items() if k == who}) <= 2
+    for _, admission in admitted.values():
+        admission.release()
+    assert limits._inflight == {}
+
+
+# -- the real daemon ---------------------------------------------------------------------------
