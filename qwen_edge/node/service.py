@@ -20,8 +20,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from types import FrameType
 
 import structlog
@@ -48,6 +49,19 @@ from .statestore import StateStore, state_directory
 from .wyoming import WyomingServer
 
 log = structlog.get_logger("qwen_edge.node.service")
+
+
+class Phase(StrEnum):
+    """Where the node is in its life; run() walks these once, in order, and logs each change
+    (`phase`). Only `serving` takes new work; requests that arrive while `loading` are kept for it,
+    and `draining` refuses them (`shutting_down`)."""
+
+    OPENING = "opening"  # the state store and the intake, before the link connects
+    LOADING = "loading"  # connected (status `starting`), the model loading
+    SERVING = "serving"  # `online`: the intake hands requests to the scheduler
+    DRAINING = "draining"  # STOPPING=1: replies end, nothing new starts
+    STOPPED = "stopped"  # `offline` sent, the link closed
+
 
 EXIT_OK = 0
 EXIT_MODEL = 3  # systemd: RestartPreventExitStatus=3, a bad model file will not get better
@@ -102,7 +116,10 @@ class Service:
                 s, self.model_name, self.version, state_directory(s.service.state_dir)
             ),
         )
-        self._intake: Intake | None = None  # by _open_state(), before the link connects
+        self.phase = Phase.OPENING
+        # What the main link does with a delivery: nothing until the intake exists (the link
+        # starts after it does, so this is never called), then the intake's on_message.
+        self._on_message: Callable[[Inbound], None] = self._before_intake
         self._failover: Failover | None = None  # in a fleet, on joining the pool
         # One set of per-client limits for every way in: MQTT devices and Wyoming peers.
         self._limits = ClientLimits(s.limits)
@@ -114,7 +131,8 @@ class Service:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        state, conversations = self._open_state()
+        state, conversations, intake = self._open_state()
+        self._enter(Phase.LOADING)
         self._link.start()  # first, so devices see "starting" while a slow device loads
         engine = self._load_model()
         if engine is None:
@@ -122,20 +140,28 @@ class Service:
                 self.health.status(NodeState.OFFLINE, reason="model unusable"), timeout=1.0
             )
             state.close()
+            self._enter(Phase.STOPPED)
             return EXIT_MODEL
-        scheduler, inference = self._open_intake(engine, conversations)
+        scheduler, inference = self._open_intake(intake, engine, conversations)
         began = time.monotonic()
-        self._join_pool()
+        self._join_pool(intake)
         self._ready(began)
+        self._enter(Phase.SERVING)
         self._stop.wait()
+        self._enter(Phase.DRAINING)
         self._shutdown(scheduler, inference, engine)
         state.close()
         self.health.join()
+        self._enter(Phase.STOPPED)
         return EXIT_OK
+
+    def _enter(self, phase: Phase) -> None:
+        log.info("phase", phase=phase.value, was=self.phase.value)
+        self.phase = phase
 
     # -- the phases ----------------------------------------------------------------------------
 
-    def _open_state(self) -> tuple[StateStore, ConversationStore]:
+    def _open_state(self) -> tuple[StateStore, ConversationStore, Intake]:
         """The state store, the conversations kept in it, and the intake on top of it."""
         s = self.settings
         with phase("state_loaded", digits=3) as logged:
@@ -159,7 +185,7 @@ class Service:
                 path=None if state.path is None else str(state.path),
                 conversations=len(conversations),
             )
-        self._intake = Intake(
+        intake = Intake(
             self.topics,
             self._link.publish,
             RequestJournal(state),
@@ -167,7 +193,8 @@ class Service:
             max_payload=s.mqtt.max_payload,
             keep_max=s.model.slots + s.model.queue_size,
         )
-        return state, conversations
+        self._on_message = intake.on_message
+        return state, conversations, intake
 
     def _load_model(self) -> Engine | PacedEngine | None:
         """The model file checked, then loaded; None: it is unusable (logged)."""
@@ -199,12 +226,11 @@ class Service:
         return engine
 
     def _open_intake(
-        self, engine: Engine | PacedEngine, conversations: ConversationStore
+        self, intake: Intake, engine: Engine | PacedEngine, conversations: ConversationStore
     ) -> tuple[Scheduler, threading.Thread]:
         """The scheduler on its inference thread; the intake hands it the requests kept while
         loading, then every delivery straight away."""
         s = self.settings
-        assert self._intake is not None
         # model.memory_mb may have chosen fewer slots, a shorter context or another KV precision:
         # from here on the settings say what the node runs.
         s = self.settings = s.model_copy(update={"model": engine.plan.apply(s.model)})
@@ -222,7 +248,7 @@ class Service:
         inference = threading.Thread(target=scheduler.run, name="inference")
         inference.start()
         with phase("intake_opened"):
-            self._intake.open(scheduler)
+            intake.open(scheduler)
         self.health.loaded(scheduler, s)
         self.health.start_watchdog()
         if s.wyoming.enabled:
@@ -252,7 +278,7 @@ class Service:
             self._wyoming = server
             logged.update(port=server.port, names=len(entities.names), areas=len(entities.areas))
 
-    def _join_pool(self) -> None:
+    def _join_pool(self, intake: Intake) -> None:
         """In a fleet: the pool link, proven by a probe. Only now, loaded: a loading node would
         sit on its share of pooled requests. Replies go out on the main link, whose retained
         status (with the group) the fleet sees first: `online` waits for the pool's SUBACK
@@ -261,7 +287,6 @@ class Service:
         systemd_notify.notify(f"STATUS=connecting to {s.mqtt.host}:{s.mqtt.port}")
         if self.fleet is None:
             return
-        assert self._intake is not None
         failover = self._failover = Failover(
             s.node_id,
             self.fleet.group,
@@ -270,12 +295,12 @@ class Service:
             claims_topic=self.fleet.claims,
             final_seq=final_seq(s.generation.max_tokens_limit),
         )
-        self._intake.join_pool(self.fleet, failover, self.health.on_probe)
+        intake.join_pool(self.fleet, failover, self.health.on_probe)
         pool_link = MqttLink(
             s.mqtt,
             client_id=f"{self._client_id}-pool",
             subscriptions=self.fleet_subscriptions(self.fleet),
-            on_message=self._intake.on_pool_message,
+            on_message=intake.on_pool_message,
             on_subscribed=self.health.announce,
             on_disconnected=failover.on_link_down,
             persistent=False,
@@ -334,8 +359,11 @@ class Service:
             self._failover.announce()  # sent while disconnected, a change was skipped
 
     def _deliver(self, msg: Inbound) -> None:
-        assert self._intake is not None  # built before the link connects
-        self._intake.on_message(msg)
+        self._on_message(msg)
+
+    @staticmethod
+    def _before_intake(msg: Inbound) -> None:
+        log.warning("message_before_intake", topic=msg.topic)
 
     @staticmethod
     def fleet_subscriptions(fleet: FleetTopics) -> tuple[Subscription, ...]:

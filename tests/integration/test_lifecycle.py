@@ -54,6 +54,19 @@ def test_notifies_systemd_ready_status_and_watchdog(node: Any) -> None:
     assert "STOPPING=1" in d.notify.lines()
 
 
+def test_the_life_cycle_goes_through_its_phases_in_order(node: Any) -> None:
+    d = node()
+    d.start()
+    assert d.stop() == 0
+    phases = [(e["was"], e["phase"]) for e in d.log_events() if e.get("event") == "phase"]
+    assert phases == [
+        ("opening", "loading"),
+        ("loading", "serving"),
+        ("serving", "draining"),
+        ("draining", "stopped"),
+    ]
+
+
 def test_watchdog_pings_stop_while_the_inference_loop_is_stuck(node: Any, broker: Broker) -> None:
     # One decode step over a ~1,500-token prompt takes seconds here, longer than the 1 s stall
     # limit: to the watchdog that is a stuck loop, as a hung llama_decode would be.
