@@ -23,7 +23,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from qwen_edge.tools import brokeradmin
+
 from .conftest import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
+from .procwatch import ProcessSampler
 
 BROKER_SETUP = ROOT / "scripts" / "broker-setup"
 GROUP = "pool"
@@ -40,9 +43,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def broker_setup(*args: str) -> subprocess.CompletedProcess[str]:
+def broker_setup(
+    *args: str, passwords: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """scripts/broker-setup ARGS, with `passwords` as USER:PASS lines on its stdin."""
+    lines = "".join(f"{user}:{password}\n" for user, password in (passwords or {}).items())
+    if passwords is not None:
+        args = (*args, "--passwords", "-")
     return subprocess.run(
-        [str(BROKER_SETUP), *args], capture_output=True, text=True, timeout=120, check=False
+        [str(BROKER_SETUP), *args],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -53,11 +67,14 @@ class SetupBroker(Broker):
         self.port = free_port()
         self.workdir = workdir
         self.proc = None
-        args = ["--dir", str(workdir), "--port", str(self.port), "--daemon", ":".join(DAEMON)]
-        for user, password in PASSWORDS.items():
-            args += ["--device", f"{user}:{password}"]
-        args += ["--homeassistant", ":".join(HOME_ASSISTANT)]
-        done = broker_setup(*args)
+        args = ["--dir", str(workdir), "--port", str(self.port), "--daemon", DAEMON[0]]
+        for user in PASSWORDS:
+            args += ["--device", user]
+        args += ["--homeassistant", HOME_ASSISTANT[0]]
+        done = broker_setup(
+            *args,
+            passwords={**PASSWORDS, DAEMON[0]: DAEMON[1], HOME_ASSISTANT[0]: HOME_ASSISTANT[1]},
+        )
         assert done.returncode == 0, done.stderr
         self.conf = workdir / "mosquitto.conf"
 
@@ -385,7 +402,9 @@ def test_setup_bounds_broker_memory_in_its_config(setup_broker: SetupBroker) -> 
 def test_a_device_added_and_removed_on_the_running_broker(
     setup_broker: SetupBroker, node: Daemon, connect: Any
 ) -> None:
-    added = broker_setup("--dir", str(setup_broker.workdir), "--add-device", "devD:pw-devD")
+    added = broker_setup(
+        "--dir", str(setup_broker.workdir), "--add-device", "devD", passwords={"devD": "pw-devD"}
+    )
     assert added.returncode == 0, added.stderr
     device = connect("devD", password="pw-devD")
     assert device.connack == 0
@@ -407,14 +426,210 @@ def test_a_device_added_and_removed_on_the_running_broker(
 
 def test_setup_refuses_a_directory_it_already_made(setup_broker: SetupBroker) -> None:
     again = broker_setup(
-        "--dir", str(setup_broker.workdir), "--port", "1", "--daemon", "a:b", "--device", "c:d"
+        "--dir",
+        str(setup_broker.workdir),
+        *("--port", "1", "--daemon", "a", "--device", "c"),
+        passwords={"a": "b", "c": "d"},
     )
     assert again.returncode == 2 and "--add-device" in again.stderr
-    bad = broker_setup("--dir", str(setup_broker.workdir / "x"), "--port", "1", "--daemon", "a/b:c")
+    bad = broker_setup(
+        "--dir", str(setup_broker.workdir / "x"), "--port", "1", "--daemon", "a/b", passwords={}
+    )
     assert bad.returncode == 2 and "bad account name" in bad.stderr
     # A device bound to a node's client id could take over the node's session.
     node_named = str(setup_broker.workdir / "y")
     nodelike = broker_setup(
-        "--dir", node_named, "--port", "1", "--daemon", "a:b", "--device", f"qwen-edge-{NODE}:pw"
+        "--dir",
+        node_named,
+        *("--port", "1", "--daemon", "a", "--device", f"qwen-edge-{NODE}"),
+        passwords={"a": "b", f"qwen-edge-{NODE}": "pw"},
     )
     assert nodelike.returncode == 2 and not Path(node_named).exists(), nodelike.stderr
+
+
+# -- secrets (issue 18, item 4) -------------------------------------------------------------------
+
+
+def test_adding_and_removing_a_device_puts_no_password_on_any_command_line_or_environment(
+    setup_broker: SetupBroker, connect: Any
+) -> None:
+    """Issue 18, item 4: broker-setup gave mosquitto_ctrl the admin and device passwords as
+    arguments (any local user read them with ps) and took the device's as USER:PASS."""
+    workdir = setup_broker.workdir
+    admin = (workdir / "admin.password").read_text().strip()
+    sweeper = (workdir / "sweeper.password").read_text().strip()
+    secret = f"pw-{uuid.uuid4().hex}"
+    with ProcessSampler() as sampler:
+        added = broker_setup(
+            "--dir", str(workdir), "--add-device", "devS", passwords={"devS": secret}
+        )
+        assert connect("devS", password=secret).connack == 0
+        removed = broker_setup("--dir", str(workdir), "--remove-device", "devS")
+    assert added.returncode == 0 and removed.returncode == 0, added.stderr + removed.stderr
+    assert sampler.saw("brokeradmin") and sampler.saw("--add-device"), "the sampler saw nothing"
+    assert sampler.leaks(secret, admin, sweeper) == []
+    # The old form is refused, saying what to do instead, and changes nothing.
+    old = broker_setup("--dir", str(workdir), "--add-device", f"devT:{secret}")
+    assert old.returncode == 2 and "--passwords" in old.stderr and secret not in old.stderr
+    assert connect("devT", password=secret).connack == NOT_AUTHORIZED
+
+
+def test_password_files_others_can_read_are_refused(
+    setup_broker: SetupBroker, tmp_path: Path
+) -> None:
+    lines = tmp_path / "passwords"
+    lines.write_text("devU:pw-devU\n")
+    lines.chmod(0o644)
+    done = broker_setup(
+        "--dir", str(setup_broker.workdir), "--add-device", "devU", "--passwords", str(lines)
+    )
+    assert done.returncode == 2 and "chmod 600" in done.stderr
+
+
+# -- defaults (issue 18, item 7) ----------------------------------------------------------------
+
+
+def control(setup_broker: SetupBroker) -> brokeradmin.Control:
+    setup = brokeradmin.Setup.load(setup_broker.workdir)
+    return brokeradmin.Control(setup.mqtt(brokeradmin.ADMIN_USER, brokeradmin.ADMIN_PASSWORD_FILE))
+
+
+def test_every_default_is_deny_read_back_from_the_running_broker(setup_broker: SetupBroker) -> None:
+    """Issue 18, item 7: setDefaultACLAccess publishClientReceive deny reported success and
+    mosquitto 2.0.11 kept `allow`."""
+    with control(setup_broker) as admin:
+        defaults = admin.default_acl_access()
+    assert defaults == {
+        "publishClientSend": False,
+        "publishClientReceive": False,
+        "subscribe": False,
+        "unsubscribe": True,
+    }
+
+
+def test_a_device_receives_nothing_its_roles_do_not_grant_even_when_subscribed(
+    setup_broker: SetupBroker, connect: Any
+) -> None:
+    """A subscribe right without a receive right delivers nothing: receiving is denied unless a
+    role grants it (with mosquitto 2.0.11's stored `allow`, this account read devB's replies)."""
+    role, spy_name, secret = "probe-subscribe-only", "spy", "pw-spy"
+    with control(setup_broker) as admin:
+        admin.run(
+            [
+                *brokeradmin.role_commands(
+                    role, [("subscribePattern", f"{PREFIX}/+/reply/devB/#")]
+                ),
+                {
+                    "command": "createClient",
+                    "username": spy_name,
+                    "password": secret,
+                    "clientid": spy_name,
+                    # In one command: a role added later kicks the account's connection.
+                    "roles": [{"rolename": role}, {"rolename": "qwen-edge-device"}],
+                },
+            ]
+        )
+    try:
+        spy, owner = connect(spy_name, password=secret), connect("devB")
+        assert spy.subscribe(f"{PREFIX}/+/reply/devB/#") == GRANTED_QOS1
+        assert spy.subscribe(f"{PREFIX}/+/stats") == GRANTED_QOS1
+        for topic in own_topics("devB"):
+            owner.subscribe(topic)
+        daemon = connect(DAEMON[0], client_id=f"qwen-edge-rx-{uuid.uuid4().hex[:6]}")
+        assert daemon.publish(f"{PREFIX}/{NODE}/reply/devB/c", {"type": "done"}) == 0
+        assert owner.messages.get(timeout=10)[0] == f"{PREFIX}/{NODE}/reply/devB/c"
+        marker = f"{PREFIX}/marker-{uuid.uuid4().hex[:6]}/stats"
+        assert daemon.publish(marker, {"type": "marker"}) == 0
+        # Everything the spy got up to the marker, which was sent after devB's reply.
+        got = []
+        while not got or got[-1] != marker:
+            got.append(spy.messages.get(timeout=10)[0])
+        assert [t for t in got if "/reply/" in t] == []
+    finally:
+        with control(setup_broker) as admin:
+            admin.run(
+                [
+                    {"command": "deleteClient", "username": spy_name},
+                    {"command": "deleteRole", "rolename": role},
+                ]
+            )
+
+
+# -- retained data (issue 18, item 6) -------------------------------------------------------------
+
+BIG = 200 * 1024
+
+
+def retained_from(connect: Any, device: str) -> dict[str, int]:
+    """topic -> size of every retained request or cancel of `device` that a fresh subscriber
+    (the daemon account) gets."""
+    probe = connect(DAEMON[0], client_id=f"qwen-edge-look-{uuid.uuid4().hex[:6]}")
+    marker = f"{PREFIX}/{GROUP}/claims/look-{uuid.uuid4().hex[:6]}"
+    for kind in ("request", "cancel"):
+        assert probe.subscribe(f"{PREFIX}/+/{kind}/{device}") == GRANTED_QOS1
+    assert probe.subscribe(marker) == GRANTED_QOS1
+    assert probe.publish(marker, b"end") == 0  # comes after the retained ones
+    found: dict[str, int] = {}
+    while True:
+        topic, data = probe.messages.get(timeout=10)
+        if topic == marker:
+            return found
+        found[topic] = len(data.get("_raw", b"x"))
+
+
+def test_removing_a_device_removes_the_retained_requests_it_left(
+    setup_broker: SetupBroker, connect: Any
+) -> None:
+    """Issue 18, item 6: 100 x 200 KB retained requests were stored and outlived the account."""
+    secret = "pw-devR"
+    assert (
+        broker_setup(
+            "--dir", str(setup_broker.workdir), "--add-device", "devR", passwords={"devR": secret}
+        ).returncode
+        == 0
+    )
+    device = connect("devR", password=secret)
+    topics = [f"{PREFIX}/park-{i}/request/devR" for i in range(5)] + [f"{PREFIX}/x/cancel/devR"]
+    for topic in topics:
+        assert device.publish(topic, b"\0" * BIG, retain=True) in ACCEPTED
+    assert set(topics) <= set(retained_from(connect, "devR"))
+    device.close()
+
+    removed = broker_setup("--dir", str(setup_broker.workdir), "--remove-device", "devR")
+    assert removed.returncode == 0, removed.stderr
+    assert retained_from(connect, "devR") == {}
+
+
+def test_the_sweeper_clears_each_retained_request_as_it_arrives(
+    setup_broker: SetupBroker, connect: Any
+) -> None:
+    """With `--sweep --watch` running (the broker's sweeper service), a device's retained
+    request lives until the sweeper's empty retained publish: one broker round trip."""
+    watcher = subprocess.Popen(
+        [str(BROKER_SETUP), "--dir", str(setup_broker.workdir), "--sweep", "--watch"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stderr is not None
+        line = watcher.stderr.readline()
+        assert "sweeper: watching" in line, line
+        seen = connect(DAEMON[0], client_id=f"qwen-edge-see-{uuid.uuid4().hex[:6]}")
+        assert seen.subscribe(f"{PREFIX}/+/request/devC") == GRANTED_QOS1
+        device = connect("devC")
+        topics = [f"{PREFIX}/flood-{i}/request/devC" for i in range(20)]
+        started = time.monotonic()
+        for topic in topics:
+            assert device.publish(topic, b"\0" * BIG, retain=True) in ACCEPTED
+        # Each one arrives, then its clearing (an empty payload).
+        cleared: set[str] = set()
+        while cleared != set(topics):
+            topic, data = seen.messages.get(timeout=10)
+            if data.get("_raw") == b"":
+                cleared.add(topic)
+        took = time.monotonic() - started
+        assert retained_from(connect, "devC") == {}
+        print(f"20 x 200 KB retained requests published and cleared in {took * 1000:.0f} ms")
+    finally:
+        watcher.terminate()
+        watcher.wait(10)

@@ -839,9 +839,10 @@ def test_fleet_on_the_production_broker_lets_devices_and_nodes_do_their_jobs(
     made = subprocess.run(
         [
             *(str(setup), "--dir", str(broker.workdir), "--port", str(broker.port)),
-            *("--group", POOL, "--daemon", "qwen-edge:secret"),
-            *("--device", "dev1:secret", "--device", "dev2:secret"),
+            *("--group", POOL, "--daemon", "qwen-edge", "--passwords", "-"),
+            *("--device", "dev1", "--device", "dev2"),
         ],
+        input="qwen-edge:secret\ndev1:secret\ndev2:secret\n",
         capture_output=True,
         text=True,
         timeout=120,

@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SMOLLM, Broker
+from .procwatch import ProcessSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install"
@@ -513,10 +515,22 @@ trap 'kill $broker 2>/dev/null || true; wait' EXIT
 for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/8883) 2>/dev/null && break; sleep 0.1; done
 kill -0 $broker
 tls=(-h 127.0.0.1 -p 8883 --cafile /etc/qwen-edge/ca.crt -q 1)
-mosquitto_pub "${tls[@]}" -u qwen-edge -P "$(cat /etc/qwen-edge/mqtt-password)" \
-  -i qwen-edge-device -t qwen-edge/device/status -m '{"state":"online"}' -r
-"$CHECKOUT/scripts/broker-setup" --dir /etc/mosquitto/qwen-edge --add-device kiosk1:pw-kiosk1 \
-  2> "$T/add-device.log"
+# The daemon's account, its password read from its file (never on a command line).
+/opt/qwen-edge/venv/bin/python -c '
+import paho.mqtt.client as m
+from paho.mqtt.enums import CallbackAPIVersion
+c = m.Client(CallbackAPIVersion.VERSION2, client_id="qwen-edge-device", protocol=m.MQTTv5)
+c.tls_set(ca_certs="/etc/qwen-edge/ca.crt")
+c.username_pw_set("qwen-edge", open("/etc/qwen-edge/mqtt-password").read().strip())
+c.connect("127.0.0.1", 8883)
+c.loop_start()
+status = c.publish("qwen-edge/device/status", "{\"state\":\"online\"}", qos=1, retain=True)
+status.wait_for_publish(10)
+c.disconnect()
+c.loop_stop()'
+printf 'kiosk1:pw-kiosk1\n' | "$CHECKOUT/scripts/broker-setup" --dir /etc/mosquitto/qwen-edge \
+  --add-device kiosk1 --passwords - 2> "$T/add-device.log"
+stat -c '%U %a %n' /etc/mosquitto/qwen-edge/* /etc/mosquitto/qwen-edge/certs/* > "$T/owners.txt"
 mosquitto_sub "${tls[@]}" -u kiosk1 -P pw-kiosk1 -i kiosk1 -t qwen-edge/+/status -C 1 -W 10 \
   > "$T/status.txt"
 # Another client id than its own: refused.
@@ -534,16 +548,40 @@ def test_prod_install_runs_the_broker_beside_debians_stock_config(tmp_path: Path
         pytest.skip("needs root, unshare and overlayfs in a private mount namespace")
     (tmp_path / "debian-mosquitto.conf").write_text(DEBIAN_MOSQUITTO_CONF)
     args = [str(tmp_path), str(ROOT), PROD_RUN_SCRIPT]
-    result = subprocess.run(
-        ["unshare", "--mount", "bash", "-euo", "pipefail", "-c", PROD_SCRIPT, "device", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=INSTALL_TIMEOUT,
-        check=False,
-    )
+    with ProcessSampler(pause_s=0.002) as sampler:
+        result = subprocess.run(
+            ["unshare", "--mount", "bash", "-euo", "pipefail", "-c", PROD_SCRIPT, "device", *args],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=INSTALL_TIMEOUT,
+            check=False,
+        )
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
     assert result.returncode == 0, (result.stdout, result.stderr, logs)
+    # Issue 18, item 4: no password in any process's arguments or environment meanwhile.
+    etc = tmp_path / "etc" / "upper"
+    secrets = [
+        (etc / name).read_text().strip()
+        for name in (
+            "qwen-edge/mqtt-password",
+            "mosquitto/qwen-edge/admin.password",
+            "mosquitto/qwen-edge/sweeper.password",
+        )
+    ]
+    assert sampler.saw("broker-setup") and sampler.saw("brokeradmin"), "the sampler saw nothing"
+    assert sampler.leaks(*secrets) == []
+    # Issue 18, item 5: the broker (user mosquitto) owns its state directory and nothing else.
+    owners = {
+        line.split()[2].removeprefix("/etc/mosquitto/qwen-edge/"): line.split()[:2]
+        for line in (tmp_path / "owners.txt").read_text().splitlines()
+    }
+    assert owners.pop("state") == ["mosquitto", "700"], owners
+    assert owners.pop("certs/server.key") == ["root", "640"], owners
+    assert owners.pop("certs/ca.key") == ["root", "600"], owners
+    assert {user for user, _ in owners.values()} == {"root"}, owners
+    wants = etc / "systemd/system/multi-user.target.wants/qwen-edge-broker-sweep.service"
+    assert os.readlink(wants) == "/etc/systemd/system/qwen-edge-broker-sweep.service"
     assert "Duplicate" not in logs["mosquitto.log"]
     assert json.loads((tmp_path / "status.txt").read_text()) == {"state": "online"}
     assert "not authori" in (tmp_path / "refused.txt").read_text().lower()
@@ -552,3 +590,25 @@ def test_prod_install_runs_the_broker_beside_debians_stock_config(tmp_path: Path
     assert stat.S_IMODE((etc / "qwen-edge" / "mqtt-password").stat().st_mode) == 0o600
     snippet = (etc / "mosquitto" / "conf.d" / "qwen-edge.conf").read_text()
     assert "max_queued_bytes" in snippet and "persistence_location" not in snippet
+
+
+def test_the_broker_sweeper_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "systemd" / "qwen-edge-broker-sweep.service").read_text()
+    python = "/opt/qwen-edge/venv/bin/python"
+    assert f"ExecStart={python} -m qwen_edge.tools.brokeradmin sweep --watch" in unit
+    copy = tmp_path / "qwen-edge-broker-sweep.service"
+    copy.write_text(unit.replace(f"ExecStart={python} ", f"ExecStart={sys.executable} "))
+    env = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}
+    result = subprocess.run(
+        [analyze, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stderr

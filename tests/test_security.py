@@ -63,9 +63,17 @@ class SecureBroker(Broker):
         shutil.copytree(certs, workdir / "certs")
         args = [str(BROKER_SETUP), "--dir", str(workdir), "--tls", "--bind", "127.0.0.1"]
         args += ["--port", str(self.port), "--wss-port", str(self.ws_port)]
-        for user, password in PASSWORDS.items():
-            args += ["--daemon" if user == DAEMON_USER else "--device", f"{user}:{password}"]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+        for user in PASSWORDS:
+            args += ["--daemon" if user == DAEMON_USER else "--device", user]
+        lines = "".join(f"{user}:{password}\n" for user, password in PASSWORDS.items())
+        done = subprocess.run(
+            [*args, "--passwords", "-"],
+            input=lines,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         snippet = workdir / "conf.d" / "qwen-edge.conf"
         if mutual_tls:

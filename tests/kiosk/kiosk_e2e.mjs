@@ -72,6 +72,8 @@ const SCRIPT = [
   'See [the manual](javascript:window.__xss=3) for more.',
   '',
   '这是一段中文说明，用于检查中文字体的显示效果。',
+  '',
+  'Emoji: 😀 👍 🎉',
 ].join('\n');
 const CODE = 'def greet(name: str) -> str:\n    return f"Hello, {name}!"';
 const LONG_REPLY = (() => {
@@ -110,11 +112,12 @@ async function startSpyAndFakeNode() {
   const base = `${cfg.prefix}/${cfg.fake_node}`;
   const status = { state: 'online', node: cfg.fake_node, model: 'scripted-reply', version: 'test', protocol: 1, slots: 1, pid: fake.pid };
   await f.publishAsync(`${base}/status`, JSON.stringify(status), { qos: 1, retain: true });
-  f.on('message', async (topic, payload) => {
+  f.on('message', async (topic, payload, packet) => {
     const client = topic.split('/').pop();
     const req = JSON.parse(payload.toString());
     fake.requests += 1;
-    const replyTopic = `${base}/reply/${client}/${req.conversation_id}`;
+    // As the node does: the MQTT 5 response topic (the page's inbox) if the request has one.
+    const replyTopic = packet.properties?.responseTopic ?? `${base}/reply/${client}/${req.conversation_id}`;
     const rid = req.request_id;
     const send = (m) => f.publishAsync(replyTopic, JSON.stringify({ request_id: rid, ...m }), { qos: 1 });
     const startMsg = { type: 'start', seq: 0, node: cfg.fake_node, model: 'scripted-reply' };
@@ -309,6 +312,24 @@ async function checkRendering(page, size) {
         return getComputedStyle(p).color === getComputedStyle(body).color && [...p.querySelectorAll('*')].every((e) => getComputedStyle(e).color === getComputedStyle(body).color);
       })(),
       caret: body.querySelectorAll('.caret').length,
+      // Emoji drawn with the font of the reply's text: a colour emoji font gives coloured pixels,
+      // a missing one an empty box (grey outline) or nothing.
+      emojiColour: (() => {
+        const p = [...body.querySelectorAll('p')].find((e) => e.textContent.startsWith('Emoji:'));
+        return ['😀', '👍', '🎉'].map((emoji) => {
+          const canvas = document.createElement('canvas');
+          canvas.width = 64;
+          canvas.height = 64;
+          const g = canvas.getContext('2d');
+          g.font = `48px ${getComputedStyle(p).fontFamily}`;
+          g.fillStyle = '#ffffff';
+          g.fillText(emoji, 0, 52);
+          const d = g.getImageData(0, 0, 64, 64).data;
+          let coloured = 0;
+          for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 128 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) coloured += 1;
+          return coloured;
+        });
+      })(),
       xss: window.__xss ?? null,
       fontSize: parseFloat(getComputedStyle(body).fontSize),
       scrolledToEnd: (() => {
@@ -333,6 +354,7 @@ async function checkRendering(page, size) {
   check(dom.paragraphs.includes('See the manual for more.') && dom.links === 0 && dom.linkColour, 'a link is shown as text, like the text around it');
   check(dom.dangerous === 0 && dom.xss === null, `no HTML from the reply is live (elements ${dom.dangerous}, xss ${dom.xss})`);
   check(dom.caret === 0, 'no caret once done');
+  check(dom.emojiColour.every((n) => n > 200), `every emoji is drawn in colour, not as an empty box or in black and white (coloured pixels: ${dom.emojiColour}; apt-get install fonts-noto-color-emoji)`);
   check(dom.fontSize >= (size === 'small' ? 18 : 24), `large type (${dom.fontSize}px)`);
   check(dom.scrolledToEnd, 'the conversation follows the reply to its end');
   check(page.external.length === 0, `requests outside the kiosk's server: ${page.external}`);
@@ -433,7 +455,8 @@ async function main() {
 
     const page = await openPage('small', {}, { touch: true, config: { max_tokens: 48, temperature: 0 } });
     pages.push(page);
-    const clientId = () => page.evaluate(() => localStorage.getItem('qwen-edge-kiosk.client_id'));
+    // Without client_id in config.json, a page load's client id is kiosk-<128 random bits>.
+    const KIOSK_ID = new RegExp(`^${cfg.prefix}/${cfg.node}/(request|cancel)/kiosk-[0-9a-f]{32}$`);
 
     await step('the real daemon streams a reply that appears chunk by chunk', async () => {
       await waitState(page, 'connected', 'online');
@@ -445,7 +468,7 @@ async function main() {
       const streamed = await streamedBeforeDone(page, rid);
       check(streamed.lengths.length >= 2, `text appeared before done, in ${streamed.lengths.length} steps`);
       const req = spy.requests.find((r) => r.body.request_id === rid);
-      check(req && req.qos === 1 && req.topic === `${cfg.prefix}/${cfg.node}/request/${await clientId()}`, `request on the node's topic ${JSON.stringify(req)}`);
+      check(req && req.qos === 1 && KIOSK_ID.test(req.topic), `request on the node's topic ${JSON.stringify(req)}`);
       check(req.body.max_tokens === 48 && req.body.temperature === 0, 'request fields from config.json');
       await shot(page, 'reply-800x480');
     });
@@ -463,13 +486,35 @@ async function main() {
       const result = await waitFinal(big, rid);
       check(result.state === 'done' && result.finish === 'cancelled', `cancelled reply ${JSON.stringify(result)}`);
       check(result.chunks < 1000 && result.note.length > 0, 'stopped early, and a note says so');
-      const kioskId = await big.evaluate(() => localStorage.getItem('qwen-edge-kiosk.client_id'));
+      const kioskId = spy.requests.find((r) => r.body.request_id === rid).topic.split('/').pop();
       const cancel = spy.cancels.find((c) => c.body.request_id === rid);
-      check(cancel && cancel.qos === 1 && cancel.topic === `${cfg.prefix}/${cfg.node}/cancel/${kioskId}`, `cancel on the wire ${JSON.stringify(spy.cancels)}`);
+      check(cancel && cancel.qos === 1 && KIOSK_ID.test(cancel.topic) && cancel.topic === `${cfg.prefix}/${cfg.node}/cancel/${kioskId}`, `cancel on the wire ${JSON.stringify(spy.cancels)}`);
       check(await big.isVisible('#send'), 'send is back');
       await shot(big, 'cancelled-1920x1080');
       check(big.errors.length === 0, `page errors: ${big.errors}`);
       await big.context().close();
+    });
+
+    await step('two pages in one browser each keep their connection and get their replies', async () => {
+      // Same browser profile, same config.json (no client_id): each page load is its own client;
+      // neither knocks the other off the broker (the old page shared one id via localStorage).
+      const context = await browser.newContext({ viewport: SIZES.small, deviceScaleFactor: 1 });
+      writeFileSync(join(cfg.www, 'config.json'), JSON.stringify({ ...cfg.config, max_tokens: 16, temperature: 0 }));
+      const two = [await context.newPage(), await context.newPage()];
+      for (const p of two) await p.goto(`${cfg.page_url}?node=${cfg.node}`);
+      for (const p of two) await waitState(p, 'connected', 'online');
+      for (const p of two) await p.evaluate(() => { window.__links = []; new MutationObserver(() => window.__links.push(document.body.dataset.link)).observe(document.body, { attributes: true }); });
+      const rids = [];
+      for (const p of two) rids.push(await ask(p, 'Say hello.'));
+      for (const [i, p] of two.entries()) {
+        const r = await waitFinal(p, rids[i]);
+        check(r.state === 'done', `page ${i + 1} got its reply ${JSON.stringify(r)}`);
+        const links = await p.evaluate(() => window.__links);
+        check(links.every((l) => l === 'connected'), `page ${i + 1} kept its connection: ${links}`);
+      }
+      const topics = rids.map((rid) => spy.requests.find((r) => r.body.request_id === rid).topic);
+      check(topics[0] !== topics[1] && topics.every((t) => KIOSK_ID.test(t)), `a client id per page load: ${topics}`);
+      await context.close();
     });
 
     await step('new conversation clears the screen and uses a new conversation id', async () => {

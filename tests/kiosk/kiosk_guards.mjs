@@ -49,7 +49,7 @@ async function startNode() {
   node.status = { state: 'online', node: cfg.node, model: 'scripted-reply', version: 'test', protocol: 1, slots: 1, pid: 4242 };
   await c.publishAsync(`${base}/status`, JSON.stringify(node.status), { qos: 1, retain: true });
   const cancelled = new Set();
-  c.on('message', async (topic, payload) => {
+  c.on('message', async (topic, payload, packet) => {
     const client = topic.split('/').pop();
     const body = JSON.parse(payload.toString());
     if (topic.includes('/cancel/')) {
@@ -59,7 +59,8 @@ async function startNode() {
     }
     node.requests.push({ topic, at: Date.now(), body });
     const rid = body.request_id;
-    const replyTopic = `${base}/reply/${client}/${body.conversation_id}`;
+    // As the node does: the MQTT 5 response topic (the page's inbox) if the request has one.
+    const replyTopic = packet.properties?.responseTopic ?? `${base}/reply/${client}/${body.conversation_id}`;
     let seq = 0;
     const send = (m) => c.publishAsync(replyTopic, JSON.stringify({ request_id: rid, seq: seq++, ...m }), { qos: 1 });
     await send({ type: 'start', node: cfg.node, model: 'scripted-reply' });

@@ -7,7 +7,7 @@ export const DEFAULTS = Object.freeze({
   username: null,
   password: null,
   node: null, // required: the daemon's node_id
-  client_id: null, // null = "kiosk-" + random, kept in localStorage
+  client_id: null, // null = "kiosk-" + 128 random bits, new on every page load
   prefix: 'qwen-edge',
   lang: null, // "en" | "zh"; null = from the browser's language
   title: 'qwen-edge',
@@ -15,6 +15,7 @@ export const DEFAULTS = Object.freeze({
   max_tokens: null,
   temperature: null,
   reply_timeout: 120, // seconds without any message of an unfinished reply before giving up on it
+  idle_reset: 180, // seconds without a tap or key (and no reply running) before a new conversation; 0 = never
 });
 
 const STRING_KEYS = ['broker', 'username', 'password', 'node', 'client_id', 'prefix', 'lang', 'title', 'system'];
@@ -69,7 +70,7 @@ function toNumber(value, key, errors) {
 /**
  * Merge the sources (later wins; the query only for QUERY_KEYS) and check them. Returns {settings, errors}; errors is a list of
  * one-line messages naming the setting. `env` supplies what the page knows: {hostname, secure,
- * language, storedClientId, newClientId()}.
+ * language, newClientId()}.
  */
 export function resolveSettings(fileConfig, queryConfig, env) {
   const errors = [];
@@ -99,6 +100,11 @@ export function resolveSettings(fileConfig, queryConfig, env) {
   merged.max_tokens = toNumber(merged.max_tokens, 'max_tokens', errors);
   merged.temperature = toNumber(merged.temperature, 'temperature', errors);
   merged.reply_timeout = toNumber(merged.reply_timeout, 'reply_timeout', errors) ?? DEFAULTS.reply_timeout;
+  merged.idle_reset = toNumber(merged.idle_reset, 'idle_reset', errors) ?? DEFAULTS.idle_reset;
+  if (!(merged.idle_reset >= 0)) {
+    errors.push('idle_reset: must be >= 0 (seconds; 0 = never)');
+    merged.idle_reset = DEFAULTS.idle_reset;
+  }
   if (merged.max_tokens !== null && !(Number.isInteger(merged.max_tokens) && merged.max_tokens >= 1)) {
     errors.push('max_tokens: must be an integer >= 1');
     merged.max_tokens = null;
@@ -120,7 +126,7 @@ export function resolveSettings(fileConfig, queryConfig, env) {
 
   if (!isTopicPrefix(merged.prefix)) errors.push('prefix: topic levels without "+", "#" or empty levels');
 
-  if (merged.client_id === null) merged.client_id = env.storedClientId || env.newClientId();
+  if (merged.client_id === null) merged.client_id = env.newClientId();
   if (!isTopicLevel(merged.client_id)) errors.push('client_id: must be one topic level (no "/", "+", "#")');
 
   if (merged.lang === null) merged.lang = String(env.language || '').toLowerCase().startsWith('zh') ? 'zh' : 'en';
@@ -130,25 +136,32 @@ export function resolveSettings(fileConfig, queryConfig, env) {
   return { settings: Object.freeze(merged), errors };
 }
 
-/** Topics of the protocol for this kiosk (docs/protocol.md, "Topics"). */
-export function topicsFor(settings) {
+/**
+ * Topics of the protocol for this kiosk (docs/protocol.md, "Topics"). `inbox`: the last level of
+ * the reply topic this page load asks its replies to go to (MQTT 5 response topic).
+ */
+export function topicsFor(settings, inbox) {
   const base = `${settings.prefix}/${settings.node}`;
   const c = settings.client_id;
+  if (!isTopicLevel(inbox)) throw new Error(`inbox: not a topic level: ${inbox}`);
   return Object.freeze({
     request: `${base}/request/${c}`,
     cancel: `${base}/cancel/${c}`,
-    replies: `${base}/reply/${c}/#`,
+    replies: `${base}/reply/${c}/${inbox}`, // subscribed, and the requests' response topic
     replyPrefix: `${base}/reply/${c}/`,
     error: `${base}/error/${c}`,
     status: `${base}/status`,
   });
 }
 
-/** A fresh id matching ID_PATTERN: a letter, the time in base 36, and random characters. */
-export function newId(tag, random = Math.random) {
-  let r = '';
-  for (let i = 0; i < 8; i++) r += Math.floor(random() * 36).toString(36);
-  return `${tag}-${Date.now().toString(36)}-${r}`;
+/**
+ * A fresh id matching ID_PATTERN: the tag and 128 random bits from the platform's CSPRNG, in hex.
+ * Nothing else (no time, no counter): whoever holds the kiosk's credential must not be able to
+ * guess a conversation id and ask the node for its history, nor a request id and get its reply.
+ */
+export function newId(tag, crypto = globalThis.crypto) {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `${tag}-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
 }
 
 /** The request payload for one message. */

@@ -9,8 +9,14 @@ import { STRINGS } from './i18n.js';
 import { Reply, parseReplyMessage } from './replies.js';
 import { renderMarkdown } from './render.js';
 
-const CLIENT_ID_KEY = 'qwen-edge-kiosk.client_id';
-const SESSION_EXPIRY_S = 3600; // the broker keeps the kiosk's subscriptions and queued replies 1 h
+// The broker keeps the page's subscriptions and the replies queued for it this long while the
+// link is down (a broker restart, a Wi-Fi drop): short, as whoever holds the kiosk's credential
+// could take the session over and read them; a longer outage is covered by resending.
+const SESSION_EXPIRY_S = 120;
+// A request without any message of its reply this long is sent again with the same request_id
+// (as qwen_edge/client.py does): the node ignores it while serving it, replays a finished reply,
+// and generates one that was lost (a request that reached no node, e.g. across a broker restart).
+const RESEND_MS = 10000;
 const STOP_GRACE_MS = 10000; // after Stop, wait this long for the node's `done` before giving up
 // Stop takes the place of Send the moment a request goes out: the second tap of a double tap on
 // Send (or a bouncing finger) would land on it. Stop is disabled this long after sending.
@@ -34,37 +40,27 @@ async function loadConfigFile() {
   }
 }
 
-function storedClientId() {
-  try {
-    return localStorage.getItem(CLIENT_ID_KEY);
-  } catch {
-    return null;
-  }
-}
-
-function rememberClientId(id) {
-  try {
-    localStorage.setItem(CLIENT_ID_KEY, id);
-  } catch {
-    // private mode: the id lives as long as the page
-  }
-}
-
 class Kiosk {
   constructor(settings) {
     this.settings = settings;
     this.t = STRINGS[settings.lang];
-    this.topics = topicsFor(settings);
+    // Replies come to an inbox of this page load (MQTT 5 response topic), not to the reply topic
+    // of the conversation: the conversation id is never on the wire where another client with
+    // the kiosk's credential could read it and ask the node for the conversation's history.
+    this.topics = topicsFor(settings, newId('k'));
     this.conversationId = newId('c');
     this.entries = new Map(); // request_id -> entry (see send())
     this.active = null; // the entry whose reply is in flight
     this.node = { state: 'unknown', pid: null, model: null, reason: null };
     this.link = 'connecting';
+    this.subscribed = false; // this connection's SUBSCRIBE is acknowledged: replies can reach us
     this.linkError = null;
+    this.lastTouched = Date.now(); // the last tap or key: the idle reset counts from it
     this.dirty = new Set();
     this.frame = 0;
     this.client = null;
     this.pinned = true; // the conversation is scrolled to its end and stays there when it resizes
+    this.lastEnded = 0; // when the last reply ended: the idle reset counts from it too
   }
 
   start() {
@@ -92,6 +88,9 @@ class Kiosk {
       }
     });
     $('input').addEventListener('input', () => this.fitInput());
+    for (const type of ['pointerdown', 'keydown', 'input']) {
+      document.addEventListener(type, () => { this.lastTouched = Date.now(); }, { capture: true, passive: true });
+    }
     $('stop').addEventListener('click', () => this.stop());
     // The conversation shrinks when the banner shows or the input grows (and the visitor cannot
     // scroll while reading the end of a reply): if it was at its end, it stays there. A
@@ -114,7 +113,9 @@ class Kiosk {
     this.client = mqtt.connect(settings.broker, {
       protocolVersion: 5,
       clientId: settings.client_id,
-      clean: false,
+      // A clean start on page load: nothing the previous page left in the session (its
+      // subscriptions, replies queued for it) comes to this one. Reconnects resume the session.
+      clean: true,
       properties: { sessionExpiryInterval: SESSION_EXPIRY_S },
       username: settings.username ?? undefined,
       password: settings.password ?? undefined,
@@ -124,18 +125,40 @@ class Kiosk {
       resubscribe: false, // subscribed on every connect below, which also brings the retained status
     });
     this.client.on('connect', () => {
+      this.client.options.clean = false;
       this.link = 'connected';
       this.linkError = null;
-      this.client.subscribe([topics.replies, topics.error, topics.status], { qos: 1 });
+      this.subscribed = false;
+      const client = this.client;
+      client.subscribe([topics.replies, topics.error, topics.status], { qos: 1 }, (err, granted) => {
+        if (client !== this.client || this.link !== 'connected') return;
+        const refused = err ? String(err.message || err) : (granted || []).filter((g) => g.qos >= 0x80).map((g) => g.topic).join(', ');
+        if (refused) {
+          this.linkError = `${this.t.subscribeRefused}: ${refused}`;
+        } else {
+          this.subscribed = true;
+          // Whatever was missed while away: the request in flight is sent again, same id.
+          this.resend();
+        }
+        this.updateChrome();
+      });
       this.updateChrome();
     });
     this.client.on('reconnect', () => this.setLink('reconnecting'));
-    this.client.on('close', () => this.setLink(this.link === 'connecting' ? 'connecting' : 'reconnecting'));
+    this.client.on('close', () => {
+      this.subscribed = false;
+      this.setLink(this.link === 'connecting' ? 'connecting' : 'reconnecting');
+    });
+    this.client.on('disconnect', (packet) => {
+      // 0x8E: another connection with this client id took the session (the same account in
+      // another browser or program). The page takes it back on its next reconnect.
+      if (packet && packet.reasonCode === 0x8e) this.linkError = this.t.takenOver;
+    });
     this.client.on('error', (err) => {
       this.linkError = err && err.message ? err.message : String(err);
       this.updateChrome();
     });
-    this.client.on('message', (topic, payload) => this.onMessage(topic, payload.toString()));
+    this.client.on('message', (topic, payload, packet) => this.onMessage(topic, payload.toString(), packet));
   }
 
   setLink(state) {
@@ -144,12 +167,12 @@ class Kiosk {
     this.updateChrome();
   }
 
-  onMessage(topic, payload) {
+  onMessage(topic, payload, packet) {
     const { topics } = this;
-    if (topic === topics.status) this.onStatus(payload);
+    if (topic === topics.status) this.onStatus(payload, Boolean(packet && packet.retain));
     else if (topic === topics.error) this.onError(payload);
     else {
-      const parsed = parseReplyMessage(topic, topics.replyPrefix, payload);
+      const parsed = topic === topics.replies ? parseReplyMessage(topic, topics.replyPrefix, payload) : null;
       const entry = parsed && this.entries.get(parsed.msg.request_id);
       if (!entry) return; // not a reply this page asked for (e.g. from before a reload)
       if (entry.reply.receive(parsed.msg)) {
@@ -160,7 +183,7 @@ class Kiosk {
     }
   }
 
-  onStatus(payload) {
+  onStatus(payload, retained) {
     let status;
     try {
       status = JSON.parse(payload);
@@ -171,6 +194,10 @@ class Kiosk {
     const state = ['online', 'starting', 'offline'].includes(status.state) ? status.state : 'unknown';
     const pid = Number.isInteger(status.pid) ? status.pid : null;
     this.node = { state, pid, model: typeof status.model === 'string' ? status.model : null, reason: status.reason ?? null };
+    // A live `online` (not the retained one, which a restarted broker restores whether or not
+    // the node is back) says the node is subscribed now: a request that went out while it was
+    // away may have reached no one, so it is sent again.
+    if (state === 'online' && !retained) this.resend();
     // A node process that restarted does not resume the replies its predecessor had started.
     if (state !== 'offline' && pid !== null) {
       for (const entry of this.entries.values()) {
@@ -196,7 +223,7 @@ class Kiosk {
   }
 
   canSend() {
-    return this.link === 'connected' && (this.node.state === 'online' || this.node.state === 'starting') && !this.active;
+    return this.link === 'connected' && this.subscribed && (this.node.state === 'online' || this.node.state === 'starting') && !this.active;
   }
 
   send() {
@@ -232,11 +259,13 @@ class Kiosk {
       stopSentAt: null,
       armed: false, // Stop works for this reply (STOP_GUARD_MS after sending)
       rendered: '', // the text rendered so far; null once the final rendering is done
+      request: null, // the payload, kept to send again (resend())
+      sentAt: 0,
     };
     this.entries.set(requestId, entry);
     this.active = entry;
-    const request = buildRequest(this.settings, requestId, this.conversationId, text);
-    this.client.publish(this.topics.request, JSON.stringify(request), { qos: 1 });
+    entry.request = JSON.stringify(buildRequest(this.settings, requestId, this.conversationId, text));
+    this.publishRequest(entry);
     input.value = '';
     this.fitInput();
     this.markDirty(entry);
@@ -246,6 +275,18 @@ class Kiosk {
       this.updateChrome();
     }, STOP_GUARD_MS);
     this.updateChrome(); // Stop replaces Send now, disabled, not a frame later
+  }
+
+  publishRequest(entry) {
+    entry.sentAt = Date.now();
+    this.client.publish(this.topics.request, entry.request, { qos: 1, properties: { responseTopic: this.topics.replies } });
+  }
+
+  /** The request in flight again, same request_id, while no message of its reply came. */
+  resend() {
+    const entry = this.active;
+    if (!entry || entry.reply.state !== 'waiting' || entry.stopSentAt !== null || !this.subscribed) return;
+    this.publishRequest(entry);
   }
 
   stop({ force = false } = {}) {
@@ -259,6 +300,8 @@ class Kiosk {
 
   newConversation() {
     if (this.active) this.stop({ force: true });
+    $('input').value = '';
+    this.fitInput();
     this.active = null;
     this.entries.clear();
     this.dirty.clear();
@@ -268,14 +311,22 @@ class Kiosk {
     empty.hidden = false;
     this.conversationId = newId('c');
     document.body.dataset.conversation = this.conversationId;
+    this.lastTouched = Date.now();
     this.updateChrome();
     $('input').focus();
   }
 
   tick() {
     const entry = this.active;
-    if (!entry || entry.reply.final) return;
     const now = Date.now();
+    if (!entry || entry.reply.final) {
+      // The visitor has gone: the next one gets a clean screen and a new conversation.
+      const idle = this.settings.idle_reset;
+      const left = this.entries.size > 0 || $('input').value !== '';
+      if (idle > 0 && left && now - Math.max(this.lastTouched, this.lastEnded) > idle * 1000) this.newConversation();
+      return;
+    }
+    if (entry.reply.state === 'waiting' && now - Math.max(entry.sentAt, entry.lastActivity) > RESEND_MS) this.resend();
     if (entry.stopSentAt !== null && now - entry.stopSentAt > STOP_GRACE_MS) {
       if (entry.reply.interrupt('stopped')) this.markDirty(entry);
     } else if (now - entry.lastActivity > this.settings.reply_timeout * 1000) {
@@ -294,7 +345,10 @@ class Kiosk {
     const follow = this.nearEnd();
     for (const entry of this.dirty) this.renderEntry(entry);
     this.dirty.clear();
-    if (this.active && this.active.reply.final) this.active = null;
+    if (this.active && this.active.reply.final) {
+      this.active = null;
+      this.lastEnded = Date.now();
+    }
     this.updateChrome();
     if (follow) this.scrollToEnd();
   }
@@ -376,6 +430,7 @@ class Kiosk {
     if (link === 'reconnecting') bannerText = this.linkError ? `${t.brokerBanner} (${this.linkError})` : t.brokerBanner;
     else if (link === 'connected' && node.state === 'offline') bannerText = t.offlineBanner;
     else if (link === 'connecting' && this.linkError) bannerText = `${t.brokerBanner} (${this.linkError})`;
+    else if (link === 'connected' && !this.subscribed && this.linkError) bannerText = this.linkError;
     banner.textContent = bannerText;
     banner.hidden = !bannerText;
 
@@ -409,16 +464,11 @@ function showConfigErrors(errors, lang) {
 
 async function main() {
   const file = await loadConfigFile();
-  let generated = null;
   const { settings, errors } = resolveSettings(file.config, fromQuery(location.search), {
     hostname: location.hostname,
     secure: location.protocol === 'https:',
     language: navigator.language,
-    storedClientId: storedClientId(),
-    newClientId: () => {
-      generated = `kiosk-${Math.random().toString(36).slice(2, 10)}`;
-      return generated;
-    },
+    newClientId: () => newId('kiosk'),
   });
   if (file.error) errors.unshift(file.error);
   if (errors.length) {
@@ -427,7 +477,6 @@ async function main() {
   }
   const ignored = ignoredInQuery(location.search);
   if (ignored.length) console.warn(`kiosk: the URL may set only node and lang; ignored: ${ignored.join(', ')} (set them in config.json)`);
-  if (generated !== null) rememberClientId(generated); // the same id, so the same session, next time
   const kiosk = new Kiosk(settings);
   kiosk.start();
 }

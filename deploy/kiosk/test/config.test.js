@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { ID_PATTERN, buildRequest, fromQuery, ignoredInQuery, newId, resolveSettings, topicsFor } from '../src/config.js';
 
-const env = { hostname: 'kiosk.local', language: 'en-GB', storedClientId: null, newClientId: () => 'kiosk-new' };
+const env = { hostname: 'kiosk.local', language: 'en-GB', newClientId: () => 'kiosk-new' };
 
 test('defaults: broker on the page host, generated client id, language from the browser', () => {
   const { settings, errors } = resolveSettings(null, { node: 'pi' }, env);
@@ -13,9 +13,9 @@ test('defaults: broker on the page host, generated client id, language from the 
   assert.equal(settings.prefix, 'qwen-edge');
   assert.equal(settings.lang, 'en');
   assert.equal(settings.reply_timeout, 120);
+  assert.equal(settings.idle_reset, 180);
   assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, language: 'zh-CN' }).settings.lang, 'zh');
   assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, secure: true }).settings.broker, 'wss://kiosk.local:9001');
-  assert.equal(resolveSettings(null, { node: 'pi' }, { ...env, storedClientId: 'kiosk-old' }).settings.client_id, 'kiosk-old');
 });
 
 test('the URL sets only node and lang, over config.json, which overrides the defaults', () => {
@@ -65,6 +65,8 @@ test('every bad setting is named', () => {
     [{ max_tokens: 1.5 }, { node: 'pi' }, /^max_tokens: must be an integer/],
     [{ temperature: 9 }, { node: 'pi' }, /^temperature:/],
     [{ reply_timeout: -1 }, { node: 'pi' }, /^reply_timeout:/],
+    [{ idle_reset: -1 }, { node: 'pi' }, /^idle_reset:/],
+    [{ idle_reset: 'soon' }, { node: 'pi' }, /^idle_reset: not a number/],
     [{}, { node: 'pi', lang: 'fr' }, /^lang:/],
   ];
   for (const [file, query, pattern] of cases) {
@@ -91,19 +93,36 @@ test('an empty query value means "not set": config.json stands', () => {
 
 test('topics follow docs/protocol.md, with a prefix of several levels', () => {
   const { settings } = resolveSettings({ node: 'pi', client_id: 'k1', prefix: 'site/qe' }, {}, env);
-  assert.deepEqual({ ...topicsFor(settings) }, {
+  assert.deepEqual({ ...topicsFor(settings, 'k-inbox') }, {
     request: 'site/qe/pi/request/k1',
     cancel: 'site/qe/pi/cancel/k1',
-    replies: 'site/qe/pi/reply/k1/#',
+    replies: 'site/qe/pi/reply/k1/k-inbox',
     replyPrefix: 'site/qe/pi/reply/k1/',
     error: 'site/qe/pi/error/k1',
     status: 'site/qe/pi/status',
   });
 });
 
-test('ids match the protocol pattern and requests carry only what is set', () => {
-  for (let i = 0; i < 200; i++) assert.match(newId('r'), ID_PATTERN);
-  assert.match(newId('c', () => 0.999999), ID_PATTERN);
+test('the reply inbox is one topic level', () => {
+  const { settings } = resolveSettings({ node: 'pi' }, {}, env);
+  for (const bad of ['', 'a/b', '+', '#']) assert.throws(() => topicsFor(settings, bad));
+});
+
+test('ids are 128 bits from the CSPRNG, nothing else, and match the protocol pattern', () => {
+  const seen = new Set();
+  for (let i = 0; i < 200; i++) {
+    const id = newId('c');
+    assert.match(id, ID_PATTERN);
+    assert.match(id, /^c-[0-9a-f]{32}$/);
+    seen.add(id);
+  }
+  assert.equal(seen.size, 200);
+  // Built from the random bytes only: no clock, no Math.random.
+  const zeros = { getRandomValues: (a) => a.fill(0) };
+  const ff = { getRandomValues: (a) => a.fill(255) };
+  assert.equal(newId('r', zeros), `r-${'0'.repeat(32)}`);
+  assert.equal(newId('kiosk', ff), `kiosk-${'f'.repeat(32)}`);
+  assert.match(newId('kiosk', ff), ID_PATTERN);
   const { settings } = resolveSettings(null, { node: 'pi' }, env);
   assert.deepEqual(buildRequest(settings, 'r1', 'c1', 'hi'), { request_id: 'r1', conversation_id: 'c1', message: 'hi' });
   const s2 = resolveSettings({ node: 'pi', system: 'Be brief.', max_tokens: 10, temperature: 0 }, {}, env).settings;
