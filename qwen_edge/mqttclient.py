@@ -1,7 +1,7 @@
 """The one place a paho client is made from settings: protocol version, client id, TLS and
 credentials (tls.py), session (clean start, expiry) and Last Will.
 
-Used by the daemon's links (mqtt.py), the client library (client.py, and `chat` on it), `fleet`,
+Used by the daemon's links (node/link.py), the client library (client/, and `chat` on it), `fleet`,
 `doctor` and `homeassistant --remove`. Callbacks, reconnect delays and queue limits stay with
 each user: they differ by job, the connection's identity does not.
 """

@@ -1,18 +1,18 @@
-"""Protocol v1 on the wire (docs/protocol.md): topic names, and every payload as a typed value
-with one builder (`encode`) and one parser: requests and cancels, reply messages (start, chunk,
-done, error), a node's status and stats.
+"""Protocol v1 on the wire (docs/protocol.md): every payload as a typed value with one builder
+(`encode`) and one parser: requests and cancels, reply messages (start, chunk, done, error), a
+node's status, stats and claims. Topics are topics.py's; the names are re-exported here.
 
-This is the one module that builds or parses topic strings and payloads. It imports nothing
-heavy (no llama.cpp, no paho): devices use it through qwen_edge.client.
+It imports nothing heavy (no llama.cpp, no paho): devices use it through qwen_edge.client.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self, TypedDict
 
 from pydantic import (
     BaseModel,
@@ -115,6 +115,27 @@ class ChatRequest(BaseModel):
             _utf8_encodable(self.system)
 
 
+# A request's envelope; every other field ChatRequest declares is an option a device may set.
+REQUEST_ENVELOPE: Final = frozenset({"request_id", "conversation_id", "message"})
+REQUEST_OPTIONS: Final = frozenset(ChatRequest.model_fields) - REQUEST_ENVELOPE
+
+
+class RequestOptions(TypedDict, total=False):
+    """The options of REQUEST_OPTIONS as keyword arguments of the client's stream() and ask(),
+    for type checkers (`max_tokens` is their positional parameter). tests/unit checks that the
+    two agree, so ChatRequest stays the one declaration of the request's fields."""
+
+    system: str | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    reset: bool
+    format: str | dict[str, Any] | None
+    stop: Sequence[str] | None
+    chunk_ms: int | None
+
+
 class CancelRequest(BaseModel):
     """A cancel published to {prefix}/{node}/cancel/{client_id}."""
 
@@ -134,6 +155,7 @@ class RequestError:
     message: str
     request_id: str | None = None
     conversation_id: str | None = None
+    size: int | None = None  # too_large: the refused payload's bytes
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -178,7 +200,9 @@ def parse_request(payload: bytes, max_payload: int) -> ChatRequest | RequestErro
     """Turn a raw payload into a request or a typed error. Never raises."""
     if len(payload) > max_payload:
         return RequestError(
-            ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_payload}"
+            ErrorCode.TOO_LARGE,
+            f"payload is {len(payload)} bytes; the limit is {max_payload}",
+            size=len(payload),
         )
     try:
         return ChatRequest.model_validate_json(payload)
@@ -192,122 +216,15 @@ def parse_request(payload: bytes, max_payload: int) -> ChatRequest | RequestErro
 def parse_cancel(payload: bytes, max_payload: int) -> CancelRequest | RequestError:
     """Turn a raw cancel payload into a cancel or a typed error. Never raises."""
     if len(payload) > max_payload:
-        return RequestError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes")
+        return RequestError(
+            ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes", size=len(payload)
+        )
     try:
         return CancelRequest.model_validate_json(payload)
     except ValidationError as exc:
         return RequestError(ErrorCode.BAD_REQUEST, _first_error(exc))
     except Exception as exc:
         return RequestError(ErrorCode.BAD_REQUEST, f"unreadable payload: {type(exc).__name__}")
-
-
-class TopicKind(StrEnum):
-    REQUEST = "request"
-    CANCEL = "cancel"
-
-
-@dataclass(frozen=True, slots=True)
-class InboundTopic:
-    kind: TopicKind
-    client_id: str
-    pooled: bool = False  # sent to the pool, {prefix}/{group}/..., not to this node
-
-
-class WatchKind(StrEnum):
-    REPLY = "reply"
-    STATUS = "status"
-    STATS = "stats"
-    CLAIMS = "claims"
-
-
-@dataclass(frozen=True, slots=True)
-class WatchedTopic:
-    """A message about other nodes: a pooled reply (`name` = client id), or a node's status,
-    stats or claims (`name` = node id)."""
-
-    kind: WatchKind
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    """Every topic of one node: {prefix}/{node}/..."""
-
-    prefix: str
-    node: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}/{self.node}"
-
-    @property
-    def status(self) -> str:
-        return f"{self.base}/status"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.base}/stats"
-
-    @property
-    def subscriptions(self) -> tuple[str, ...]:
-        return (f"{self.base}/request/+", f"{self.base}/cancel/+")
-
-    def request(self, client_id: str) -> str:
-        return f"{self.base}/request/{client_id}"
-
-    def cancel(self, client_id: str) -> str:
-        return f"{self.base}/cancel/{client_id}"
-
-    def reply(self, client_id: str, conversation_id: str) -> str:
-        return f"{self.base}/reply/{client_id}/{conversation_id}"
-
-    def reply_namespace(self, client_id: str) -> str:
-        return f"{self.base}/reply/{client_id}/"
-
-    def error(self, client_id: str) -> str:
-        return f"{self.base}/error/{client_id}"
-
-    def parse(self, topic: str) -> InboundTopic | None:
-        """The kind and client id of a topic this node subscribes to, or None."""
-        head, sep, rest = topic.rpartition("/")
-        if not sep or not rest:
-            return None
-        for kind in TopicKind:
-            if head == f"{self.base}/{kind.value}":
-                return InboundTopic(kind, rest)
-        return None
-
-    def allows_response_topic(self, client_id: str, topic: str) -> bool:
-        """An MQTT 5 response topic is honoured only inside the requester's reply namespace."""
-        namespace = self.reply_namespace(client_id)
-        return (
-            topic.startswith(namespace)
-            and len(topic) > len(namespace)
-            and not any(ch in topic for ch in "+#\0")
-            and len(topic.encode("utf-8", "replace")) <= 1024
-        )
-
-
-def node_filters(prefix: str) -> tuple[str, str]:
-    """Subscriptions to the status and the stats of every node under `prefix`."""
-    return (f"{prefix}/+/status", f"{prefix}/+/stats")
-
-
-def parse_node_topic(prefix: str, topic: str) -> WatchedTopic | None:
-    """`{prefix}/{node}/status` or `{prefix}/{node}/stats` -> the node and which; else None."""
-    head = f"{prefix}/"
-    if not topic.startswith(head):
-        return None
-    node, sep, leaf = topic[len(head) :].partition("/")
-    if not node or not sep or leaf not in (WatchKind.STATUS, WatchKind.STATS):
-        return None
-    return WatchedTopic(WatchKind(leaf), node)
-
-
-# The client id of pool probes: a node proves at start that the broker hands it pooled requests
-# by sending itself one (docs/protocol.md, "Fleet"). A probe is never served; a device account
-# must not be named like it (with broker ACLs a device can use only its own account's id).
-PROBE_CLIENT: Final = "$probe"
 
 
 class PoolProbe(BaseModel):
@@ -328,74 +245,6 @@ class PoolProbe(BaseModel):
             return cls.model_validate_json(payload)
         except ValidationError:
             return None
-
-
-@dataclass(frozen=True, slots=True)
-class FleetTopics:
-    """The topics a node of a pool uses besides its own: the pool's, which have the shape of a
-    node's with the group in place of the node id, and every node's status.
-
-    The broker delivers a shared subscription's messages under the plain topic, without the
-    `$share/{group}/` head, so pooled requests parse like the pool's request topic.
-    """
-
-    own: Topics
-    pool: Topics
-
-    @classmethod
-    def of(cls, prefix: str, node: str, group: str) -> FleetTopics:
-        if node == group:  # settings refuse this too; the topics would be ambiguous
-            raise ValueError("a node may not be named like its pool")
-        return cls(Topics(prefix, node), Topics(prefix, group))
-
-    @property
-    def group(self) -> str:
-        return self.pool.node
-
-    @property
-    def shared_requests(self) -> str:
-        """Each request published to the pool goes to exactly one subscriber of this."""
-        return f"$share/{self.group}/{self.pool.base}/request/+"
-
-    def claims(self, node: str) -> str:
-        """Retained: the pooled replies `node` holds (see Claims)."""
-        return f"{self.pool.base}/claims/{node}"
-
-    @property
-    def probe_request(self) -> str:
-        """Where a node sends its pool probe: a pooled request of the reserved PROBE_CLIENT."""
-        return self.pool.request(PROBE_CLIENT)
-
-    def probe_echo(self, node: str) -> str:
-        """Where a pool member returns a probe that `node` sent (and the pool gave to another
-        member): a pooled reply topic of PROBE_CLIENT; each member watches its own."""
-        return self.pool.reply(PROBE_CLIENT, node)
-
-    @property
-    def subscriptions(self) -> tuple[str, ...]:
-        """What the pool link subscribes to: none carries other nodes' replies, so what a node
-        receives grows with the pool's requests, not with its tokens (docs/protocol.md)."""
-        return (
-            self.shared_requests,
-            f"{self.pool.base}/cancel/+",
-            self.probe_echo(self.own.node),
-            self.claims("+"),
-            node_filters(self.own.prefix)[0],
-        )
-
-    def parse(self, topic: str) -> InboundTopic | WatchedTopic | None:
-        """A pooled request or cancel, a returned probe, a node's claims, or a node's status."""
-        inbound = self.pool.parse(topic)
-        if inbound is not None:
-            return InboundTopic(inbound.kind, inbound.client_id, pooled=True)
-        namespace = f"{self.pool.base}/reply/"
-        if topic.startswith(namespace):
-            client_id, _, rest = topic[len(namespace) :].partition("/")
-            return WatchedTopic(WatchKind.REPLY, client_id) if client_id and rest else None
-        head, _, node = topic.rpartition("/")
-        if head == f"{self.pool.base}/claims" and node:
-            return WatchedTopic(WatchKind.CLAIMS, node)
-        return parse_node_topic(self.own.prefix, topic)
 
 
 # -- claims: the pooled replies a node holds (docs/protocol.md, "Fleet") -------------------------
@@ -573,9 +422,16 @@ class ErrorMessage(_ReplyMessage):
     code: str  # an ErrorCode; a newer node may send one this version does not know
     message: str = ""
     retry_after: Number | None = None  # seconds, for rate_limited
+    # too_large: the refused payload's bytes, so that a client can tell which of its requests
+    # it was (the node could not read the request id) without reading the English message.
+    size: int | None = None
 
     def encode(self) -> bytes:
-        extra = {} if self.retry_after is None else {"retry_after": self.retry_after}
+        extra: dict[str, Any] = {}
+        if self.retry_after is not None:
+            extra["retry_after"] = self.retry_after
+        if self.size is not None:
+            extra["size"] = self.size
         return self._encode("error", code=self.code, message=self.message, **extra)
 
 

@@ -1,9 +1,6 @@
-"""Fixtures over tests/harness.py (a mosquitto on a free port, the daemon as a process, a probe
-client, the models), and the `unit` marker for tests that run in-process.
-
-New code imports the harness from tests/harness.py; the names are re-exported here for the test
-modules that import them from conftest.
-"""
+"""Fixtures over devtools/harness.py (a mosquitto on a free port, the daemon as a process, a probe
+client, the models), and the `unit` marker for tests that run in-process. Test modules import the
+harness's names from devtools.harness."""
 
 from __future__ import annotations
 
@@ -13,37 +10,7 @@ from typing import Any
 
 import pytest
 
-from .harness import (
-    BROKER_CONF,
-    MODELS,
-    NODE,
-    PREFIX,
-    QWEN_TINY,
-    ROOT,
-    SMOLLM,
-    Broker,
-    Daemon,
-    NotifySocket,
-    Probe,
-    free_port,
-    reply_text,
-)
-
-__all__ = [
-    "BROKER_CONF",
-    "MODELS",
-    "NODE",
-    "PREFIX",
-    "QWEN_TINY",
-    "ROOT",
-    "SMOLLM",
-    "Broker",
-    "Daemon",
-    "NotifySocket",
-    "Probe",
-    "free_port",
-    "reply_text",
-]
+from devtools.harness import SMOLLM, Broker, Daemon, Probe
 
 # Modules whose tests need no broker, daemon or other process and run in seconds: `scripts/test
 # --unit` runs them (pytest -m unit). A test in one of them that does start a process says so

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import SMOLLM, Broker, Daemon, Probe, reply_text
+from devtools.harness import SMOLLM, Broker, Daemon, Probe, reply_text
 
 PROMPTS = [
     "Name three rivers in Europe.",

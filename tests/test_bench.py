@@ -5,26 +5,29 @@ fleet on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .bench import TARGETS, evaluate, rounds_summary
-from .harness import QWEN_TINY, ROOT, Broker, Daemon, Probe
+from devtools.bench import TARGETS, evaluate, rounds_summary
+from devtools.harness import QWEN_TINY, ROOT, Broker, Daemon, Probe
 
+# As the docs run it: from a shell without the venv active (the script finds the venv itself).
+FRESH_SHELL = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
 BENCH = ROOT / "scripts" / "bench"
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--out", str(out), *args],
+        [str(BENCH), "--out", str(out), *args],
         capture_output=True,
         text=True,
+        env=FRESH_SHELL,
         timeout=900,
         check=False,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 
 QUIET = {"QWEN_EDGE_MODEL__THREADS": "1", "QWEN_EDGE_MODEL__SLOTS": "1"}
 LONG = {"message": "Write a very long story about the sea.", "max_tokens": 1000}

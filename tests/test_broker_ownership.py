@@ -22,7 +22,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .conftest import ROOT, Broker, free_port
+from devtools.harness import ROOT, Broker, free_port
 
 BROKER_SETUP = ROOT / "scripts" / "broker-setup"
 

@@ -23,9 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devtools.harness import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
 from qwen_edge.tools import brokeradmin
 
-from .conftest import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
 from .procwatch import ProcessSampler
 
 BROKER_SETUP = ROOT / "scripts" / "broker-setup"

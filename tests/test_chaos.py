@@ -5,29 +5,32 @@ Also the soak mode's report, briefly, and what a resend of a finished request do
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from . import chaos
-from .harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
+from devtools import chaos
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 
 ROOT = Path(__file__).resolve().parent.parent
+# As the docs run it: from a shell without the venv active (the script finds the venv itself).
+FRESH_SHELL = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
 CHAOS = ROOT / "scripts" / "chaos"
 
 
 def run_chaos(tmp_path: Path, *args: str, timeout: float = 300) -> dict[str, Any]:
     out = tmp_path / "chaos.json"
     result = subprocess.run(
-        [sys.executable, str(CHAOS), "--threads", "1", "--json", str(out), *args],
+        [str(CHAOS), "--threads", "1", "--json", str(out), *args],
         capture_output=True,
         text=True,
+        env=FRESH_SHELL,
         timeout=timeout,
         check=False,
     )

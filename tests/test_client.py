@@ -26,18 +26,22 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from qwen_edge.client import (
-    AsyncEdgeClient,
-    EdgeClient,
-    EdgeError,
-    Reply,
-    _Arrived,
-    _Exchange,
-    _Pins,
+from devtools.harness import (
+    BROKER_CONF,
+    NODE,
+    PREFIX,
+    ROOT,
+    SMOLLM,
+    Broker,
+    Daemon,
+    Probe,
+    reply_text,
 )
-from qwen_edge.protocol import parse_reply
-
-from .conftest import BROKER_CONF, NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe, reply_text
+from qwen_edge.client import AsyncEdgeClient, EdgeClient, EdgeError, Reply
+from qwen_edge.client.connection import Arrived, Connection
+from qwen_edge.client.exchange import Exchange, Pins
+from qwen_edge.protocol import ErrorMessage, parse_reply
+from qwen_edge.settings import MqttSettings
 
 POOL = "pool"
 
@@ -423,11 +427,11 @@ class _NoCore:
         return None
 
 
-def _exchange(node: str | None = NODE) -> tuple[_Exchange, _NoCore, list[int]]:
+def _exchange(node: str | None = NODE) -> tuple[Exchange, _NoCore, list[int]]:
     core = _NoCore()
-    pins = _Pins(core, node, "pool")  # type: ignore[arg-type]
+    pins = Pins(core, node, "pool")  # type: ignore[arg-type]
     restarts: list[int] = []
-    ex = _Exchange(
+    ex = Exchange(
         core,  # type: ignore[arg-type]
         pins,
         {"conversation_id": "c", "message": "m"},
@@ -438,14 +442,14 @@ def _exchange(node: str | None = NODE) -> tuple[_Exchange, _NoCore, list[int]]:
     return ex, core, restarts
 
 
-def _msg(ex: _Exchange, seq: int, kind: str, **fields: Any) -> _Arrived:
+def _msg(ex: Exchange, seq: int, kind: str, **fields: Any) -> Arrived:
     payload = json.dumps({"type": kind, "request_id": ex.request_id, "seq": seq, **fields})
     message = parse_reply(payload.encode())
     assert message is not None
-    return _Arrived(payload.encode(), message)
+    return Arrived(payload.encode(), message)
 
 
-def _texts(ex: _Exchange) -> list[str]:
+def _texts(ex: Exchange) -> list[str]:
     out = []
     while ex.ready:
         out.append(ex.hand_out())
@@ -631,3 +635,21 @@ def test_with_an_account_the_mqtt_client_id_is_its_name(tmp_path: Path) -> None:
         b.stop()
     assert re.search(r"as devX \(p5, c1, k30, u'devX'\)", log), log
     assert re.search(r"as devY-[0-9a-f]{8} \(p5", log), log  # anonymous: one per program
+
+
+def test_a_too_large_error_is_matched_to_its_request_by_size_not_by_text() -> None:
+    conn = Connection(MqttSettings(protocol="3.1.1"), "dev1", PREFIX, resend_after=10)
+    hit: list[str] = []
+    conn.register("big", lambda i: hit.append("big"), NODE, 70_000)
+    conn.register("small", lambda i: hit.append("small"), NODE, 100)
+    error = ErrorMessage(
+        request_id=None,
+        seq=0,
+        code="too_large",
+        message="zu groß (wording may change)",
+        size=70_000,
+    )
+    sinks = conn._unnamed_error_sinks(f"{PREFIX}/{NODE}/error/dev1", error)
+    for sink in sinks:
+        sink(Arrived(error.encode(), error))
+    assert hit == ["big"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ROOT
+from devtools.harness import ROOT
 
 pytestmark = pytest.mark.unit
 

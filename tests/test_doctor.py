@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
 from qwen_edge.protocol import Status
 from qwen_edge.settings import ModelSettings, Settings
 from qwen_edge.tools.doctor import (
@@ -32,8 +33,6 @@ from qwen_edge.tools.doctor import (
     read_env_file,
     unit_memory_max,
 )
-
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
 
 BROKER_DIR = Path(__file__).resolve().parent / "broker"
 AUTH_USER, AUTH_PASSWORD = "qwen-edge", "right-password"  # in tests/broker/auth.passwd

@@ -17,9 +17,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, reply_text
 from qwen_edge.node.statestore import StateStore
-
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, reply_text
 
 ONE_SLOT = {
     "QWEN_EDGE_MODEL__SLOTS": "1",

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devtools.harness import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
 from qwen_edge.node.failover import Failover
 from qwen_edge.node.replies import ReplyStream
 from qwen_edge.protocol import (
@@ -34,22 +35,22 @@ from qwen_edge.protocol import (
     Claim,
     Claims,
     FinishReason,
-    FleetTopics,
-    InboundTopic,
     Stats,
     Status,
-    TopicKind,
-    WatchedTopic,
-    WatchKind,
     encode,
     final_seq,
     parse_claims,
-    parse_node_topic,
 )
 from qwen_edge.settings import ConfigError, Settings, load_settings
 from qwen_edge.tools.fleet import NodeView, table
-
-from .conftest import PREFIX, ROOT, SMOLLM, Broker, Daemon, Probe
+from qwen_edge.topics import (
+    FleetTopics,
+    InboundTopic,
+    TopicKind,
+    WatchedTopic,
+    WatchKind,
+    parse_node_topic,
+)
 
 POOL = "pool"
 TRIO = ("node-a", "node-b", "node-c")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import SMOLLM, Broker, Daemon, Probe
+from devtools.harness import SMOLLM, Broker, Daemon, Probe
 
 NODE = "followup"
 HISTORY = "Here are my notes: " + "apples, pears, plums, cherries. " * 30

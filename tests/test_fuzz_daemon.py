@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 from qwen_edge.protocol import ChatRequest, ErrorCode, RequestError, parse_cancel, parse_request
 
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 from .test_protocol import (
     LIMIT,
     NUMERIC,

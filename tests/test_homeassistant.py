@@ -20,6 +20,7 @@ from typing import Any
 import jinja2
 import pytest
 
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
 from qwen_edge import settings as settings_module
 from qwen_edge.node.homeassistant import (
     ENTITIES,
@@ -30,8 +31,6 @@ from qwen_edge.node.homeassistant import (
     device_id,
 )
 from qwen_edge.settings import ConfigError, Settings, load_settings
-
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, free_port
 
 DISCOVERY = "homeassistant"
 # Payloads as docs/protocol.md shows them; the daemon test renders the real ones.

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SMOLLM, Broker
+from devtools.harness import SMOLLM, Broker
+
 from .procwatch import ProcessSampler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,9 @@ from qwen_edge.node.limits import ClientLimits
 from qwen_edge.node.link import Inbound
 from qwen_edge.node.scheduler import Job
 from qwen_edge.node.statestore import StateStore
-from qwen_edge.protocol import ErrorCode, FinishReason, Topics
+from qwen_edge.protocol import ErrorCode, FinishReason
 from qwen_edge.settings import LimitSettings
+from qwen_edge.topics import Topics
 
 TOPICS = Topics("edge", "pi")
 MAX_PAYLOAD = 4096
@@ -274,3 +275,11 @@ def test_the_inbox_of_a_previous_run_is_served_and_interrupted_ones_are_not(
     made.open(scheduler)
     assert [j.request.request_id for j in scheduler.jobs] == ["b"]
     store.close()
+
+
+def test_a_too_large_error_names_the_refused_size_in_a_field() -> None:
+    # The client tells which of its requests a too_large answers by this field, not by the text.
+    made, link, _, _ = opened()
+    made.on_message(Inbound(TOPICS.request("dev1"), b"x" * (MAX_PAYLOAD + 7), None, None))
+    [error] = link.messages(TOPICS.error("dev1"))
+    assert error["code"] == "too_large" and error["size"] == MAX_PAYLOAD + 7

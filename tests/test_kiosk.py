@@ -27,7 +27,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .conftest import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
+from devtools.harness import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
 
 KIOSK = ROOT / "deploy" / "kiosk"
 DIST = KIOSK / "dist"

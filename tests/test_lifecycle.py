@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, reply_text
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe, reply_text
 
 
 @pytest.fixture

@@ -15,11 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devtools.harness import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 from qwen_edge.node.limits import Admission, ClientLimits, Refusal
 from qwen_edge.protocol import ErrorCode
 from qwen_edge.settings import LimitSettings
-
-from .conftest import NODE, PREFIX, SMOLLM, Broker, Daemon, Probe
 
 
 class Clock:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devtools.harness import QWEN_TINY, Broker, Daemon
 from qwen_edge.node.budget import (
     MIB,
     MIN_CTX,
@@ -20,7 +21,6 @@ from qwen_edge.node.budget import (
 from qwen_edge.settings import ModelSettings
 from qwen_edge.tools.doctor import ModelFacts, check_memory, meminfo
 
-from .conftest import QWEN_TINY, Broker, Daemon
 from .test_doctor import doctor
 
 # Qwen2.5-0.5B-Instruct Q4_K_M: 379 MB, 24 layers x 2 KV heads x 64 dims, K and V.

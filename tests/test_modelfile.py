@@ -12,11 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.harness import QWEN_TINY
 from qwen_edge.node.modelfile import GGML_BLOCKS, ModelError, verify_model_file
 from qwen_edge.settings import ConfigError, load_settings
 from qwen_edge.tools.catalog import BUILTIN, CatalogError, find, load_catalog
-
-from .conftest import QWEN_TINY
 
 
 def _write_gguf(path: Path, alignment: int | None = None) -> bytes:

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import NODE, PREFIX, QWEN_TINY, ROOT, SMOLLM, Broker, Daemon, Probe
+from devtools.harness import NODE, PREFIX, QWEN_TINY, ROOT, SMOLLM, Broker, Daemon, Probe
+
 from .fakehub import FakeHub, HubFile
 
 REPO = "test/Tiny-GGUF"
@@ -488,6 +489,19 @@ def test_use_of_a_path_drops_the_old_name_and_updates_a_pinned_sha256(
     assert "name" not in text  # the file name is the model's name now
     digest = hashlib.sha256(SMOLLM.read_bytes()).hexdigest()
     assert f'sha256 = "{digest}"  # pinned' in text
+
+
+def test_use_installed_as_checks_the_file_and_writes_where_it_will_be(node: Node) -> None:
+    # scripts/install's edit: the file is checked where it is, the config names where it goes.
+    original = (ROOT / "deploy" / "config.example.toml").read_text()
+    node.config.write_text(original)
+    result = node.run(
+        "use", str(SMOLLM), "--installed-as", "/var/lib/qwen-edge/models/s.gguf", config=True
+    )
+    assert result.returncode == 0, result.stderr
+    text = node.config.read_text()
+    assert 'path = "/var/lib/qwen-edge/models/s.gguf"' in text
+    assert len(text.splitlines()) == len(original.splitlines())  # comments and layout kept
 
 
 # -- end to end ----------------------------------------------------------------------------------

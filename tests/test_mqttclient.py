@@ -11,11 +11,10 @@ import paho.mqtt.client as paho
 import pytest
 from pydantic import SecretStr
 
+from devtools.harness import Broker
 from qwen_edge import mqttclient
 from qwen_edge.mqttclient import TRANSIENT, Session
 from qwen_edge.settings import MqttSettings
-
-from .conftest import Broker
 
 DAEMON = Session(expiry_s=60, resume=True)
 DEVICE = Session(expiry_s=60)

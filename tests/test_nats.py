@@ -17,9 +17,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
+from devtools.harness import NODE, PREFIX, SMOLLM, Daemon, free_port, wait_port
 from qwen_edge.node.link import REFUSED_AFTER
-
-from .harness import NODE, PREFIX, SMOLLM, Daemon, free_port, wait_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="no nats-server")

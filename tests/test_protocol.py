@@ -23,21 +23,19 @@ from qwen_edge.protocol import (
     ErrorCode,
     ErrorMessage,
     FinishReason,
-    InboundTopic,
     NodeState,
     PoolProbe,
     RequestError,
     StartMessage,
     Stats,
     Status,
-    TopicKind,
-    Topics,
     encode,
     node_lost,
     parse_cancel,
     parse_reply,
     parse_request,
 )
+from qwen_edge.topics import InboundTopic, TopicKind, Topics
 
 LIMIT = 65536
 BIG = 64 * 1024 * 1024

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import QWEN_TINY, Broker, Daemon, Probe, reply_text
+from devtools.harness import QWEN_TINY, Broker, Daemon, Probe, reply_text
 
 
 @pytest.fixture(scope="module")

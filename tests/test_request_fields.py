@@ -18,11 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devtools.harness import MODELS, SMOLLM, Broker, Daemon, Probe, reply_text
 from qwen_edge.node.engine import Engine, GrammarSampler, Row, SamplingParams, quiet_llama_logs
 from qwen_edge.node.grammar import UnsupportedSchema, grammar_for
 from qwen_edge.settings import ModelSettings
-
-from .conftest import MODELS, SMOLLM, Broker, Daemon, Probe, reply_text
 
 pytestmark = pytest.mark.usefixtures("daemon")
 

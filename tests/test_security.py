@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .conftest import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
+from devtools.harness import NODE, PREFIX, ROOT, SMOLLM, Broker, Daemon, free_port
 
 BROKER_SETUP = ROOT / "scripts" / "broker-setup"
 MAKE_CERTS = ROOT / "scripts" / "make-certs"

@@ -11,7 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .conftest import NODE, PREFIX, SMOLLM, Daemon, Probe, reply_text
+from devtools.harness import NODE, PREFIX, SMOLLM, Daemon, Probe, reply_text
 
 pytestmark = pytest.mark.usefixtures("daemon")
 

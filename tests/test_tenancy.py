@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import PREFIX, SMOLLM, Broker, Daemon, Probe
+from devtools.harness import PREFIX, SMOLLM, Broker, Daemon, Probe
 
 NODE = "tenantnode"
 # The node's own system prompt: public, so every client may reuse its KV state.

@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import structlog
 
-from ..protocol import FleetTopics, NodeState, PoolProbe, Stats, Status, Topics
+from ..protocol import NodeState, PoolProbe, Stats, Status
 from ..settings import Settings
+from ..topics import FleetTopics, Topics
 from . import systemd_notify
 from .homeassistant import Announcer
 from .link import MqttLink

@@ -22,8 +22,9 @@ from typing import Any
 
 import structlog
 
-from ..protocol import Topics, encode
+from ..protocol import encode
 from ..settings import Settings
+from ..topics import Topics
 
 log = structlog.get_logger("qwen_edge.node.homeassistant")
 

@@ -18,19 +18,8 @@ from typing import Protocol
 
 import structlog
 
-from ..protocol import (
-    PROBE_CLIENT,
-    ChatRequest,
-    ErrorCode,
-    FleetTopics,
-    InboundTopic,
-    RequestError,
-    TopicKind,
-    Topics,
-    WatchKind,
-    parse_cancel,
-    parse_request,
-)
+from ..protocol import ChatRequest, ErrorCode, RequestError, parse_cancel, parse_request
+from ..topics import PROBE_CLIENT, FleetTopics, InboundTopic, TopicKind, Topics, WatchKind
 from .failover import Failover
 from .journal import RequestJournal
 from .limits import ClientLimits, Refusal
@@ -421,7 +410,7 @@ def send_error(
     else:
         topic = topics.error(client_id)
     stream = ReplyStream(publish, topic, error.request_id, correlation)
-    stream.error(error.code, error.message, retry_after)
+    stream.error(error.code, error.message, retry_after, size=error.size)
     log.info("request_rejected", client_id=client_id, code=error.code.value, error=error.message)
 
 

@@ -148,8 +148,15 @@ class ReplyStream:
         self._send_final(done.encode(), None)
         self._ended()
 
-    def error(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
-        """`retry_after`: seconds after which the same request would be accepted, if known."""
+    def error(
+        self,
+        code: ErrorCode,
+        message: str,
+        retry_after: float | None = None,
+        size: int | None = None,
+    ) -> None:
+        """`retry_after`: seconds after which the same request would be accepted, if known;
+        `size`: a too_large payload's bytes."""
         if self.ended:
             return
         self._flush()
@@ -159,6 +166,7 @@ class ReplyStream:
             code=code.value,
             message=message,
             retry_after=retry_after,
+            size=size,
         )
         self._send_final(error.encode(), code)
         self._ended()

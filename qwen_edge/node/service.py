@@ -26,8 +26,9 @@ from types import FrameType
 
 import structlog
 
-from ..protocol import FleetTopics, NodeState, Topics, final_seq
+from ..protocol import NodeState, final_seq
 from ..settings import Settings
+from ..topics import FleetTopics, Topics
 from . import systemd_notify
 from .conversations import ConversationStore
 from .engine import Engine

@@ -29,6 +29,7 @@ from pydantic import SecretStr
 
 from .. import mqttclient
 from ..settings import MqttSettings
+from ..topics import PROBE_CLIENT, Leaf, TopicTree
 
 ADMIN_USER: Final = "qwen-edge-admin"
 SWEEPER_USER: Final = "qwen-edge-sweeper"
@@ -72,7 +73,11 @@ def role_acls(names: Names, devices: Iterable[str] = ()) -> dict[str, list[Acl]]
     """Every role and its rights: the one place they are written. Nothing is allowed unless a
     role says so (the default denies publishing, subscribing and receiving), so each role
     names what it may receive beside what it may subscribe to."""
-    p, g, ha = names.prefix, names.group, names.ha_prefix
+    tree, g, ha = TopicTree(names.prefix), names.group, names.ha_prefix
+    any_ = "+"
+
+    def pattern(target: str, leaf: Leaf, *args: str) -> str:
+        return tree.filter(target, leaf, *args).value
 
     def read(*filters: str) -> list[Acl]:
         return [(kind, f) for f in filters for kind in ("subscribePattern", "publishClientReceive")]
@@ -80,40 +85,39 @@ def role_acls(names: Names, devices: Iterable[str] = ()) -> dict[str, list[Acl]]
     def send(*topics: str) -> list[Acl]:
         return [("publishClientSend", t) for t in topics]
 
+    requests = (pattern(any_, Leaf.REQUEST, any_), pattern(any_, Leaf.CANCEL, any_))
+    node_state = (pattern(any_, Leaf.STATUS), pattern(any_, Leaf.STATS))
     roles: dict[str, list[Acl]] = {
         # The plugin's commands and nothing else: not every device's replies.
         "qwen-edge-admin": read(f"{CONTROL_TOPIC}/#") + send(f"{CONTROL_TOPIC}/#"),
         # Clears retained requests and cancels (docs/security.md, "Retained messages").
-        "qwen-edge-sweeper": read(f"{p}/+/request/+", f"{p}/+/cancel/+")
-        + send(f"{p}/+/request/+", f"{p}/+/cancel/+"),
+        "qwen-edge-sweeper": read(*requests) + send(*requests),
         # What every device may read: each node's status and load.
-        "qwen-edge-device": read(f"{p}/+/status", f"{p}/+/stats"),
+        "qwen-edge-device": read(*node_state),
         # Every node may serve any client and ends other nodes' pooled replies when they die, so
         # they share one account. Its own requests and cancels, the pool's (one share of them,
         # checked on the filter as sent), the pool's claims (failover), every node's status,
         # Home Assistant's birth message, and the pool probe's echo (docs/protocol.md).
         "qwen-edge-daemon": send(
-            f"{p}/+/reply/#", f"{p}/+/error/+", f"{p}/+/status", f"{p}/+/stats", f"{ha}/#"
+            pattern(any_, Leaf.REPLY, "#"), pattern(any_, Leaf.ERROR, any_), *node_state, f"{ha}/#"
         )
         + read(
-            f"{p}/+/request/+",
-            f"{p}/+/cancel/+",
-            f"{p}/{g}/claims/+",
-            f"{p}/+/status",
+            *requests,
+            pattern(g, Leaf.CLAIMS, any_),
+            pattern(any_, Leaf.STATUS),
             f"{ha}/status",
-            f"{p}/{g}/reply/$probe/+",
+            pattern(g, Leaf.REPLY, PROBE_CLIENT, any_),
         )
-        + [("subscribePattern", f"$share/{g}/{p}/{g}/request/+")]
-        + send(f"{p}/{g}/request/$probe", f"{p}/{g}/claims/+"),
+        + [("subscribePattern", tree.shared(g, tree.filter(g, Leaf.REQUEST, any_)).value)]
+        + send(tree.topic(g, Leaf.REQUEST, PROBE_CLIENT), pattern(g, Leaf.CLAIMS, any_)),
         # Home Assistant: the discovery configs, every node's status and stats; its birth message.
-        "qwen-edge-homeassistant": read(f"{ha}/#", f"{p}/+/status", f"{p}/+/stats")
-        + send(f"{ha}/status"),
+        "qwen-edge-homeassistant": read(f"{ha}/#", *node_state) + send(f"{ha}/status"),
     }
     for user in devices:
         # Its own topics by name; '+' is every node and the pool.
-        roles[device_role(user)] = send(f"{p}/+/request/{user}", f"{p}/+/cancel/{user}") + read(
-            f"{p}/+/reply/{user}/#", f"{p}/+/error/{user}"
-        )
+        roles[device_role(user)] = send(
+            pattern(any_, Leaf.REQUEST, user), pattern(any_, Leaf.CANCEL, user)
+        ) + read(pattern(any_, Leaf.REPLY, user, "#"), pattern(any_, Leaf.ERROR, user))
     return roles
 
 

@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from .. import mqttclient
 from ..node.budget import RUNTIME_OVERHEAD, BudgetError, plan_memory
-from ..protocol import NodeState, Status, Topics
+from ..protocol import NodeState, Status
 from ..settings import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_MODELS_DIR,
@@ -41,6 +41,7 @@ from ..settings import (
     load_settings,
 )
 from ..tls import client_context
+from ..topics import Topics
 
 EXIT_FAILED = 1
 MIB = 1024 * 1024

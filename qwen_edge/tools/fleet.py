@@ -17,8 +17,9 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from .. import mqttclient
-from ..protocol import Stats, Status, WatchKind, node_filters, parse_node_topic
+from ..protocol import Stats, Status
 from ..settings import Settings
+from ..topics import WatchKind, node_filters, parse_node_topic
 
 
 @dataclass(slots=True)

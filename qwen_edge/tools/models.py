@@ -51,6 +51,13 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     use = verbs.add_parser("use", help="point model.path in the config file at a model")
     use.add_argument("model", help="model name (in model.dir) or path of a GGUF file")
+    use.add_argument(
+        "--installed-as",
+        type=Path,
+        metavar="PATH",
+        help="write PATH, where the checked file will be on the device, instead of its own path "
+        "(scripts/install stages a root before the file is in place)",
+    )
 
 
 def _sha256_arg(value: str) -> str:
@@ -68,7 +75,7 @@ def run_model(settings: Settings, args: argparse.Namespace) -> int:
             return _pull(settings, catalog, args.name, quiet=args.quiet)
         if args.model_command == "verify":
             return _verify(settings, catalog, args.model, args.sha256)
-        return _use(settings, catalog, args.model, args.config)
+        return _use(settings, catalog, args.model, args.config, args.installed_as)
     except (CatalogError, PullError, ConfigError) as exc:
         _fail(str(exc))
         return EXIT_FAILED
@@ -185,16 +192,23 @@ def _verify(
     return 0
 
 
-def _use(settings: Settings, catalog: list[CatalogModel], what: str, config: Path | None) -> int:
+def _use(
+    settings: Settings,
+    catalog: list[CatalogModel],
+    what: str,
+    config: Path | None,
+    installed_as: Path | None = None,
+) -> int:
     path, model = _resolve(settings, catalog, what)
     if model is not None and not path.exists():
         raise PullError(f"{path} is not there: qwen-edge model pull {model.name}")
     info, summary = _check(path.absolute(), model, None)
     config = config or DEFAULT_CONFIG_FILE
     name = model.name if model is not None else None
-    _rewrite_config(config, path.absolute(), name, info)
+    written = installed_as or path.absolute()
+    _rewrite_config(config, written, name, info)
     print(f"OK {summary}")
-    print(f"{config}: model.path = {path.absolute()}")
+    print(f"{config}: model.path = {written}")
     if os.environ.get("QWEN_EDGE_MODEL__PATH"):
         _fail("note: QWEN_EDGE_MODEL__PATH is set and wins over the config file")
     print("restart the daemon to serve it: systemctl restart qwen-edge")
@@ -223,7 +237,7 @@ def _rewrite_config(config: Path, path: Path, name: str | None, info: ModelFileI
     elif "name" in table:
         del table["name"]
     if "sha256" in table:
-        table["sha256"] = info.sha256 or file_sha256(path)
+        table["sha256"] = info.sha256 or file_sha256(info.path)
     _write_atomically(config, tomlkit.dumps(doc))
 
 

@@ -14,7 +14,7 @@ import { renderMarkdown } from './render.js';
 // could take the session over and read them; a longer outage is covered by resending.
 const SESSION_EXPIRY_S = 120;
 // A request without any message of its reply this long is sent again with the same request_id
-// (as qwen_edge/client.py does): the node ignores it while serving it, replays a finished reply,
+// (as qwen_edge/client/ does): the node ignores it while serving it, replays a finished reply,
 // and generates one that was lost (a request that reached no node, e.g. across a broker restart).
 const RESEND_MS = 10000;
 const STOP_GRACE_MS = 10000; // after Stop, wait this long for the node's `done` before giving up

@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".cache" / "models"
-BROKER_CONF = Path(__file__).resolve().parent / "broker" / "plain.conf"
+BROKER_CONF = ROOT / "tests" / "broker" / "plain.conf"
 SMOLLM = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_TINY = MODELS / "qwen2-tiny-f16.gguf"
 # Qwen2.5-0.5B-Instruct's exact shape, random weights, Q4_K_M (scripts/make-model --shape).

@@ -54,7 +54,7 @@ from .harness import (
 )
 
 NODE = "bench"
-BENCH_CONF = Path(__file__).resolve().parent / "broker" / "bench.conf"
+BENCH_CONF = ROOT / "tests" / "broker" / "bench.conf"
 SHORT_PROMPT = "Tell me about the sea."
 N_CTX = 4096  # per slot, as the issue's memory target asks
 SLOTS = 4
@@ -804,7 +804,7 @@ class BrokerCounter:
 def fleet_size(n: int, slots: int, interval_ms: int, window: float, tmp: Path) -> dict[str, Any]:
     """`n` fake-engine nodes in one pool, each with `slots` replies streaming: per node, the
     messages it receives per second and its CPU time over `window` seconds."""
-    from qwen_edge.protocol import FleetTopics
+    from qwen_edge.topics import FleetTopics
 
     broker = Broker(tmp / f"broker-{n}", BENCH_CONF)
     broker.start()
@@ -1036,3 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     show()
     print(f"JSON: {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

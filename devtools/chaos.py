@@ -11,7 +11,7 @@ a complete `done` (every seq from 0 present) or an explicit `error`; one that do
 Same (request_id, seq) with other content, or messages after the final one, mean the daemon
 generated a reply twice: a de-duplicating client would mix two replies (`duplicates_after_dedup`).
 
-The broker and the daemon are started exactly as the test suite starts them (tests/harness.py:
+The broker and the daemon are started exactly as the test suite starts them (devtools/harness.py:
 tests/broker/plain.conf, persistence on, set_tcp_nodelay). Exit status 1 when anything was lost
 or inconsistent, or (soak) the RSS grew by more than --rss-limit per cent after the warm-up.
 
@@ -780,3 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"FAIL: {problem}")
     log("passed" if not problems else f"failed; broker and daemon logs in {workdir}")
     return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
