@@ -28,6 +28,7 @@ import structlog
 from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, json_schema_to_gbnf
 
 from ..formatschema import UnsupportedSchema, canonical, check_size, plain_schema
+from ..toolcalls import ToolGrammar, wrap_grammar
 
 log = structlog.get_logger("qwen_edge.node.grammar")
 
@@ -42,7 +43,15 @@ STRICT_CHAR_RULE: Final = CHAR_RULE.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1
 MAX_GRAMMAR_BYTES: Final = 65536
 CACHE_SIZE: Final = 64  # grammars (or refusals) kept, by the schema's canonical text
 
-__all__ = ["Compiled", "GrammarCompiler", "GrammarSource", "UnsupportedSchema", "grammar_for"]
+__all__ = [
+    "Compiled",
+    "GrammarCompiler",
+    "GrammarSource",
+    "GrammarSpec",
+    "UnsupportedSchema",
+    "grammar_for",
+    "tool_grammar_for",
+]
 
 
 def grammar_for(fmt: str | Mapping[str, Any]) -> str:
@@ -56,6 +65,18 @@ def grammar_for(fmt: str | Mapping[str, Any]) -> str:
         return str(JSON_GBNF)  # llama.cpp's: any JSON object
     check_size(dict(fmt))
     return _schema_grammar(canonical(dict(fmt)))
+
+
+def tool_grammar_for(spec: ToolGrammar) -> str:
+    """The GBNF of a reply to a request with tools (toolcalls.wrap_grammar around the grammar
+    of one call's schema), compiled on the calling thread. Raises UnsupportedSchema."""
+    return _compile_tools(spec)
+
+
+def _compile_tools(spec: ToolGrammar) -> str:
+    check_size(spec.schema)  # protocol.py did, for a request; tests and tools call this directly
+    text = json.dumps(spec.schema, ensure_ascii=False)  # in its order: see ToolGrammar.key
+    return wrap_grammar(_schema_grammar(text), calls_only=spec.calls_only)
 
 
 def _schema_grammar(text: str) -> str:
@@ -95,11 +116,15 @@ class Compiled:
 OnCompiled = Callable[[Compiled], None]
 
 
-class GrammarSource(Protocol):
-    """What the scheduler needs: a format's grammar, handed to `done` on some thread (maybe
-    the caller's, at once, when it is known)."""
+# What a grammar is made from: a request's `format` ("json" or a schema), or its tools.
+GrammarSpec = str | Mapping[str, Any] | ToolGrammar
 
-    def request(self, fmt: str | Mapping[str, Any], done: OnCompiled) -> None: ...
+
+class GrammarSource(Protocol):
+    """What the scheduler needs: a format's (or tools') grammar, handed to `done` on some
+    thread (maybe the caller's, at once, when it is known)."""
+
+    def request(self, fmt: GrammarSpec, done: OnCompiled) -> None: ...
 
     def close(self) -> None: ...
 
@@ -116,11 +141,12 @@ class GrammarCompiler:
         self._jobs: queue.SimpleQueue[tuple[str, OnCompiled] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def request(self, fmt: str | Mapping[str, Any], done: OnCompiled) -> None:
+    def request(self, fmt: GrammarSpec, done: OnCompiled) -> None:
         if isinstance(fmt, str):
             done(_json_grammar(fmt))
             return
-        key = canonical(dict(fmt))  # the walk protocol.py did: sized already
+        # Sized already by protocol.py; a tools key never equals a schema's text (see .key).
+        key = fmt.key if isinstance(fmt, ToolGrammar) else canonical(dict(fmt))
         with self._lock:
             known = self._cache.get(key)
             if known is not None:
@@ -165,6 +191,8 @@ def _json_grammar(fmt: str) -> Compiled:
 
 def _compile(key: str) -> Compiled:
     try:
+        if key.startswith("tools:"):
+            return Compiled(_compile_tools(ToolGrammar.from_key(key)))
         return Compiled(_schema_grammar(key))
     except UnsupportedSchema as exc:
         return Compiled(None, str(exc))
