@@ -25,6 +25,7 @@ UNIT_MODULES = frozenset(
         "test_settings",
         "test_statestore",
         "test_text",
+        "test_toolcalls",
     }
 )
 

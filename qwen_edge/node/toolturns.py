@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..protocol import ChatRequest
 from ..toolcalls import ToolCall
 from .conversations import Message
-from .engine import EngineLike
+
+if TYPE_CHECKING:  # the engine module loads llama.cpp; this one stays free of it
+    from .engine import EngineLike
 
 
 class UnknownResult(ValueError):
