@@ -7,7 +7,6 @@ the grammar holds the model to."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import re
@@ -127,13 +126,15 @@ TOOL_SETS: list[tuple[list[dict[str, Any]], list[str]]] = [
 
 
 def cases() -> list[tuple[list[dict[str, Any]], str, Any]]:
-    """36 requests: every tool set and prompt under required and auto, and a named tool."""
+    """39 requests: every tool set's prompts under required, its first under auto, and a named
+    tool of each set with several."""
     out: list[tuple[list[dict[str, Any]], str, Any]] = []
     for tools, prompts in TOOL_SETS:
-        for prompt, choice in itertools.product(prompts, ["required", "auto"]):
-            out.append((tools, prompt, choice))
-        named = tools[-1]["function"]["name"]
-        out.append((tools, prompts[0], {"type": "function", "function": {"name": named}}))
+        out.extend((tools, prompt, "required") for prompt in prompts)
+        out.append((tools, prompts[0], "auto"))
+        if len(tools) > 1:
+            named = tools[-1]["function"]["name"]
+            out.append((tools, prompts[1], {"type": "function", "function": {"name": named}}))
     return out
 
 
@@ -145,6 +146,7 @@ def probe(daemon: Daemon, module_broker: Any) -> Any:
     p.close()
 
 
+@pytest.mark.timeout(900)
 def test_every_call_over_many_tool_sets_parses_and_validates(probe: Probe) -> None:
     all_cases = cases()
     assert len(all_cases) >= 30
@@ -157,7 +159,8 @@ def test_every_call_over_many_tool_sets_parses_and_validates(probe: Probe) -> No
                 conversation_id=f"case{batch_start + i}",
                 tools=tools,
                 tool_choice=choice,
-                max_tokens=96,
+                # Calls get room for up to 4 (one cut short is no call); text need not be long.
+                max_tokens=48 if choice == "auto" else 200,
                 temperature=0.7,
                 seed=batch_start + i,
                 reset=True,
@@ -189,7 +192,7 @@ def test_every_call_over_many_tool_sets_parses_and_validates(probe: Probe) -> No
         else:
             assert "".join(chunks).strip() or end["finish_reason"] == "length"
     cut = sum(1 for _, c, m in outcomes if c != "auto" and m[-1]["finish_reason"] == "length")
-    assert validated >= 24 and cut <= 3, (validated, cut)
+    assert validated >= 30 and cut <= 2, (validated, cut)
 
 
 def test_a_multi_round_tool_conversation_through_the_client_library(
