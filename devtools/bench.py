@@ -6,6 +6,9 @@
   scripts/bench --fleet      1, 4 and 16 nodes on a fake engine behind one mosquitto: what each
                              node receives and spends while its slots stream
   scripts/bench --quants     Q4_0 vs Q4_K_M vs Q8_0 of the proxy: size, peak RSS, prefill, decode
+  scripts/bench --grammar    one device's plain stream beside another's request with the worst
+                             `format` schema within the bounds, against beside a plain one
+                             (target: >= 0.8x); --quick for short replies
 
 A single absolute figure means nothing across machines, and one sample per figure cannot resolve
 a 3 % target on a shared machine. So every target is a ratio between figures of the same run, and
@@ -989,6 +992,123 @@ def print_quants(quants: dict[str, Any], threads: int) -> None:
         )
 
 
+# -- grammar: one request's schema against another's speed (issue 18) ---------------------------
+
+# The worst schema found within the `format` bounds (docs/protocol.md): 256 picks from 127
+# strings of 58 characters sharing a 55-character prefix (7.8 KB of the 8 KB allowed). With
+# temperature 5 and top_k 0 the model's pick is refused at nearly every token, and each refusal
+# checks the whole vocabulary against every string still open (SmolLM2's 49k tokens: ~24 ms a
+# token, against ~9 ms for "json"; the issue's 2,400 strings, now refused: 360-540 ms).
+WORST_PREFIX = "a" * 55
+WORST_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 256,
+    "maxItems": 256,
+    "items": {"enum": [f"{WORST_PREFIX}{i:03d}" for i in range(127)]},
+}
+HOG = {"temperature": 5, "top_k": 0}  # sampling that makes the grammar refuse the most
+
+
+def beside(plain: Client, second: Client, decode_n: int, fmt: Any) -> dict[str, float]:
+    """Device `plain`'s decode rate while device `second` streams a request with `fmt` (None:
+    the same request without a format)."""
+    extra = {} if fmt is None else {"format": fmt}
+    hog = second.send(
+        "List words as JSON.", f"hog-{uuid.uuid4().hex[:6]}", 4 * decode_n, **HOG, **extra
+    )
+    while hog.first is None and not hog.finished.is_set():
+        time.sleep(0.005)
+    a = plain.send_cold(SHORT_PROMPT, decode_n)
+    wait_all([a])
+    streaming = not hog.finished.is_set()
+    second.c.publish(
+        f"{PREFIX}/{NODE}/cancel/{second.client_id}",
+        json.dumps({"request_id": hog.request_id}),
+        qos=1,
+    )
+    wait_all([hog])
+    return {
+        "tokens_per_s": a.decode_tps,
+        "second_tokens": hog.completion_tokens,
+        "second_streamed_throughout": float(streaming),
+    }
+
+
+def grammar_bench(args: argparse.Namespace) -> dict[str, Any]:
+    model = args.model or proxy_model("Q4_K_M")
+    decode_n = 32 if args.quick else 128
+    machine = cpu_info()
+    log(f"grammar: model {model.name}, {args.threads} threads, {args.rounds} rounds")
+    rounds: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="qwen-edge-bench-") as tmp:
+        broker = Broker(Path(tmp) / "broker", BENCH_CONF)
+        broker.start()
+        daemon = Daemon(
+            Path(tmp) / "daemon",
+            broker,
+            model,
+            None,
+            QWEN_EDGE_NODE_ID=NODE,
+            QWEN_EDGE_MODEL__THREADS=str(args.threads),
+            QWEN_EDGE_MODEL__SLOTS="2",
+            QWEN_EDGE_MODEL__N_CTX="2048",
+            QWEN_EDGE_LIMITS__REQUESTS_PER_MINUTE="0",
+            QWEN_EDGE_FLEET__ENABLED="false",
+        )
+        try:
+            daemon.start(ready_timeout=600)
+            plain, second = Client(broker.port, "plain"), Client(broker.port, "second")
+            plain.send("warm up", "warm", 4).finished.wait(300)
+            for rnd in range(args.rounds):  # interleaved: drift of the machine cancels out
+                r = {
+                    "beside_plain": beside(plain, second, decode_n, None),
+                    "beside_schema": beside(plain, second, decode_n, WORST_SCHEMA),
+                }
+                r["ratio"] = r["beside_schema"]["tokens_per_s"] / r["beside_plain"]["tokens_per_s"]
+                log(f"round {rnd + 1}/{args.rounds}: {json.dumps(r)}")
+                rounds.append(r)
+            plain.close()
+            second.close()
+        finally:
+            daemon.stop()
+            broker.stop()
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    return {
+        "machine": machine,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "model": model.name,
+        "threads": args.threads,
+        "decode_tokens": decode_n,
+        "sampling_of_the_second": HOG,
+        "schema": WORST_SCHEMA,
+        "rounds": rounds,
+        "beside_plain_tokens_per_s": summary([r["beside_plain"]["tokens_per_s"] for r in rounds]),
+        "beside_schema_tokens_per_s": summary([r["beside_schema"]["tokens_per_s"] for r in rounds]),
+        "ratio": round(ratio, 3),
+        "ratio_met": ratio >= 0.8,
+    }
+
+
+def print_grammar(result: dict[str, Any]) -> None:
+    print(
+        f"\nqwen-edge grammar bench: {result['model']}, {result['threads']} threads, "
+        f"{len(result['rounds'])} interleaved rounds, {result['decode_tokens']} tokens"
+    )
+    print(
+        f"load average: {result['machine']['load_average']} before, "
+        f"{result['load_average_after']} after"
+    )
+    print(f"device A (plain, temperature 0) beside device B ({json.dumps(HOG)}):")
+    print(f"  beside B's plain request:      {fmt(result['beside_plain_tokens_per_s'])} tokens/s")
+    print(f"  beside B's worst schema:       {fmt(result['beside_schema_tokens_per_s'])} tokens/s")
+    met = "met" if result["ratio_met"] else "NOT met"
+    print(f"  ratio (median of rounds):      {result['ratio']:.2f}x  (target >= 0.8x: {met})")
+    kept = [r["beside_schema"]["second_streamed_throughout"] for r in result["rounds"]]
+    print(f"  B still streaming when A ended: {sum(kept):.0f} of {len(kept)} rounds")
+    text = json.dumps(result["schema"])
+    print(f"  schema ({len(text)} bytes): {text[:160]}...")
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -1010,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fleet-interval", type=int, default=40, help="--fleet: ms per token")
     p.add_argument("--fleet-window", type=float, default=20.0, help="--fleet: seconds measured")
     p.add_argument("--quants", action="store_true", help="compare quantisations (see above)")
+    p.add_argument("--grammar", action="store_true", help="worst format schema (see above)")
     p.add_argument("--decode-tokens", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--ceiling-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1023,6 +1144,10 @@ def main(argv: list[str] | None = None) -> int:
         result = quant_runs(args.threads, args.rounds, args.decode_tokens)
         args.out = args.out.with_name("quants.json")
         show = lambda: print_quants(result, args.threads)  # noqa: E731
+    elif args.grammar:
+        result = grammar_bench(args)
+        args.out = args.out.with_name("grammar.json")
+        show = lambda: print_grammar(result)  # noqa: E731
     elif args.fleet:
         result = fleet(args)
         args.out = args.out.with_name("fleet.json")

@@ -82,12 +82,15 @@ def check_size(schema: dict[str, Any]) -> str:
     return text
 
 
-def plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
+def plain_schema(schema: dict[str, Any], *, bounded: bool = True) -> dict[str, Any]:
     """The schema with every $ref inlined and every annotation dropped: exactly the keywords
     the grammar will enforce. Raises UnsupportedSchema for anything else or over a bound.
-    Expects a schema that passed the JSON Schema metaschema (keyword values well typed)."""
+    Expects a schema that passed the JSON Schema metaschema (keyword values well typed).
+    `bounded` False: a format the node itself builds from its operator's configuration (the
+    Wyoming adapter's intents), held only to what the converter needs (parts, repeats); its
+    grammar's per-token work is still paced like any other (node/pacing.py)."""
     try:
-        return _Checker(schema).check(schema, "#", ())
+        return _Checker(schema, bounded).check(schema, "#", ())
     except RecursionError:
         raise UnsupportedSchema("the schema is nested too deeply") from None
 
@@ -96,8 +99,9 @@ class _Checker:
     """Walks a schema the way the converter's `visit` does, and returns it with every $ref
     inlined and every annotation dropped: exactly the keywords the grammar will enforce."""
 
-    def __init__(self, root: dict[str, Any]) -> None:
+    def __init__(self, root: dict[str, Any], bounded: bool) -> None:
         self._root = root
+        self._bounded = bounded
         self._nodes = 0
         self._alternatives = 0
 
@@ -127,12 +131,12 @@ class _Checker:
                 if t not in SIMPLE_TYPES | {"object"}:
                     raise UnsupportedSchema(f"{where}: type {t!r} is not supported")
         elif "const" in keys:
-            out["const"] = _literal(keys["const"], f"{where}/const")
+            out["const"] = self._literal(keys["const"], f"{where}/const")
         elif "enum" in keys:
             if not keys["enum"]:
                 raise UnsupportedSchema(f"{where}: an enum without values allows no reply")
             self._choices(len(keys["enum"]), where)
-            out["enum"] = [_literal(v, f"{where}/enum") for v in keys["enum"]]
+            out["enum"] = [self._literal(v, f"{where}/enum") for v in keys["enum"]]
         elif kind in (None, "object") and (
             "properties" in keys or keys.get("additionalProperties", True) is not True
         ):
@@ -166,10 +170,17 @@ class _Checker:
         if self._nodes > MAX_PARTS:
             raise UnsupportedSchema(f"the schema has more than {MAX_PARTS} parts ($ref inlined)")
 
+    def _literal(self, value: Any, where: str) -> Any:
+        return _literal(value, where, MAX_ENUM_LITERAL_CHARS if self._bounded else None)
+
+    def _name(self, name: str, where: str) -> str:
+        self._literal(name, f"{where}/properties")
+        return name
+
     def _choices(self, n: int, where: str) -> None:
         """Count a choice's alternatives against the schema's bound."""
         self._alternatives += n
-        if self._alternatives > MAX_ALTERNATIVES:
+        if self._bounded and self._alternatives > MAX_ALTERNATIVES:
             raise UnsupportedSchema(
                 f"{where}: the schema has more than {MAX_ALTERNATIVES} alternatives in all "
                 "(enum values, anyOf branches, types in a list; $ref inlined)"
@@ -198,13 +209,13 @@ class _Checker:
 
     def _object(self, keys: dict[str, Any], where: str, refs: tuple[str, ...]) -> dict[str, Any]:
         props: dict[str, Any] = keys.get("properties", {})
-        if len(props) > MAX_PROPERTIES:
+        if self._bounded and len(props) > MAX_PROPERTIES:
             raise UnsupportedSchema(
                 f"{where}: {len(props)} properties, more than the {MAX_PROPERTIES} allowed"
             )
         out: dict[str, Any] = {
             "properties": {
-                _name(name, where): self.check(sub, f"{where}/properties/{name}", refs)
+                self._name(name, where): self.check(sub, f"{where}/properties/{name}", refs)
                 for name, sub in props.items()
             }
         }
@@ -257,20 +268,14 @@ def _bounds(keys: dict[str, Any], low: str, high: str, where: str) -> dict[str, 
     return out
 
 
-def _name(name: str, where: str) -> str:
-    _literal(name, f"{where}/properties")
-    return name
-
-
-def _literal(value: Any, where: str) -> Any:
+def _literal(value: Any, where: str, longest: int | None = MAX_ENUM_LITERAL_CHARS) -> Any:
     """A value the converter writes into the grammar as its JSON text (const, enum, property
     names). Its literal escaping is not JSON's: text that JSON must escape would come out
     wrong, so it is refused."""
     if isinstance(value, str):
-        if len(value) > MAX_ENUM_LITERAL_CHARS:
+        if longest is not None and len(value) > longest:
             raise UnsupportedSchema(
-                f"{where}: a string of {len(value)} characters, more than the "
-                f"{MAX_ENUM_LITERAL_CHARS} allowed"
+                f"{where}: a string of {len(value)} characters, more than the {longest} allowed"
             )
         if any(c in '"\\' or c < " " or c > "\uffff" for c in value):
             raise UnsupportedSchema(
@@ -281,9 +286,9 @@ def _literal(value: Any, where: str) -> Any:
         raise UnsupportedSchema(f"{where}: only finite numbers are supported")
     elif isinstance(value, list):
         for item in value:
-            _literal(item, where)
+            _literal(item, where, longest)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _literal(key, where)
-            _literal(item, where)
+            _literal(key, where, longest)
+            _literal(item, where, longest)
     return value

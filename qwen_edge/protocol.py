@@ -21,6 +21,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -42,6 +43,9 @@ Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 MAX_STOPS: Final = 4
 MAX_STOP_CHARS: Final = 64
 MAX_CHUNK_MS: Final = 2000
+# Validation context of a ChatRequest the node builds itself from its own configuration (the
+# Wyoming adapter): {NODE_BUILT: True}. Its `format` is not held to the schema bounds.
+NODE_BUILT: Final = "node_built"
 
 
 class ErrorCode(StrEnum):
@@ -172,15 +176,16 @@ class ChatRequest(BaseModel):
 
     @field_validator("format", mode="before")
     @classmethod
-    def _format_is_json_or_a_schema(cls, value: Any) -> Any:
+    def _format_is_json_or_a_schema(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
         if value != "json" and not isinstance(value, dict):
             raise ValueError('must be "json" or a JSON Schema object')
         # Only its size here (this runs on paho's network thread, before the client's limits
         # are charged): the node's grammar compiler checks the rest on a thread of its own,
-        # while the request holds its queue place (formatschema, node/grammar.py).
-        if isinstance(value, dict):
+        # while the request holds its queue place (formatschema, node/grammar.py). A request
+        # the node builds itself (context NODE_BUILT) carries its operator's format: unbounded.
+        if isinstance(value, dict) and not (info.context or {}).get(NODE_BUILT):
             try:
                 check_size(value)
             except UnsupportedSchema as exc:

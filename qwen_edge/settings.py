@@ -348,6 +348,71 @@ class HomeAssistantSettings(_Section):
         return value
 
 
+class WyomingSettings(_Section):
+    """Home Assistant Assist over the Wyoming protocol: the node as a conversation agent that
+    turns a transcript into an intent (docs/homeassistant.md)."""
+
+    enabled: bool = Field(
+        False, description="Serve the Wyoming protocol and announce it over zeroconf."
+    )
+    host: str = Field("0.0.0.0", description="Address the Wyoming service listens on.")
+    port: int = Field(10500, ge=1, le=65535, description="TCP port of the Wyoming service.")
+    entities: Path | None = Field(
+        None,
+        description='JSON file {"names": [...], "areas": [...]}: the only device and area names '
+        "the model may put in an intent (none: intents without a target only).",
+    )
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], description="Languages the service declares to Assist."
+    )
+    zeroconf: bool = Field(
+        True, description="Announce the service as _wyoming._tcp so Home Assistant finds it."
+    )
+    zeroconf_host: str | None = Field(
+        None,
+        description="Address announced over zeroconf (and the interface it is sent on); none: "
+        "the address of the interface that reaches the multicast group.",
+    )
+    max_connections: int = Field(
+        16, ge=1, le=1024, description="Wyoming connections open at once, all peers together."
+    )
+    max_connections_per_peer: int = Field(
+        4, ge=1, le=1024, description="Wyoming connections open at once from one address."
+    )
+    max_event_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest Wyoming event accepted (header line, data and payload; bytes).",
+    )
+    idle_timeout: float = Field(
+        30.0, gt=0, description="Close a connection that sends no complete event this long (s)."
+    )
+    reply_timeout: float = Field(
+        60.0, gt=0, description="Answer not-handled when the model has not replied by then (s)."
+    )
+    max_tokens: int = Field(
+        192,
+        ge=32,
+        le=1024,
+        description="Token limit of the model's reply to one transcript (an intent takes 10 to "
+        "40; a spoken answer it cuts is said as far as it got).",
+    )
+
+    @field_validator("entities")
+    @classmethod
+    def _entities_file_is_usable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Checked here, so that a broken names file stops start-up with one line naming it.
+        if value is not None and info.data.get("enabled"):
+            from .node.assist import EntitiesError, load_entities
+
+            try:
+                load_entities(value)
+            except EntitiesError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class Settings(BaseSettings):
     """The effective configuration of one qwen-edge node."""
 
@@ -372,6 +437,7 @@ class Settings(BaseSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    wyoming: WyomingSettings = Field(default_factory=WyomingSettings)
 
     @field_validator("node_id")
     @classmethod

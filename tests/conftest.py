@@ -17,6 +17,7 @@ from devtools.harness import SMOLLM, Broker, Daemon, Probe
 # with @pytest.mark.subprocess and stays out.
 UNIT_MODULES = frozenset(
     {
+        "test_assist",
         "test_conversations",
         "test_intake",
         "test_kvstore",

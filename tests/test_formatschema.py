@@ -130,3 +130,17 @@ def test_the_compiler_works_on_its_own_thread_and_caches_by_canonical_form() -> 
     assert (first, second) == ("grammar", threading.current_thread().name)
     assert a.grammar is not None and a == b
     assert wide.grammar is None and wide.error is not None and "alternatives" in wide.error
+
+
+def test_a_format_the_node_builds_itself_is_held_only_to_what_the_converter_needs() -> None:
+    """The Wyoming adapter's intent schema (thousands of enum values, the operator's names) is
+    not a device's: unbounded, though its grammar is paced like any other."""
+    from qwen_edge.protocol import NODE_BUILT, ChatRequest
+
+    wide = {"type": "array", "items": {"enum": list(range(3600))}}
+    assert len(canonical(wide)) > MAX_SCHEMA_BYTES
+    body = {"request_id": "w1", "message": "hi", "format": wide}
+    assert ChatRequest.model_validate(body, context={NODE_BUILT: True}).format == wide
+    assert plain_schema(wide, bounded=False) == wide
+    with pytest.raises(UnsupportedSchema, match="alternatives"):
+        plain_schema(wide)

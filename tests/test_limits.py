@@ -248,6 +248,23 @@ def test_oversize_payload_is_too_large_and_spends_no_token(
     assert probe.collect(rid)[-1]["type"] == "done"
 
 
+def test_invalid_requests_spend_tokens_like_any_other(
+    limited_daemon: Daemon, probe_factory: Any
+) -> None:
+    """Issue 18: requests ending in bad_request were charged nothing, so a device could make
+    the node parse (and compile schemas) without limit."""
+    probe = probe_factory(f"bad-{uuid.uuid4().hex[:4]}")
+    probe.subscribe(f"{PREFIX}/{NODE}/reply/{probe.client_id}/#")
+    bad = [probe.request("Hi", temperature=9) for _ in range(5)]  # the burst
+    refused = ends(probe, bad)
+    assert {m["code"] for m in refused.values()} == {"bad_request"}
+    rid = probe.request("Hi", max_tokens=2)
+    end = ends(probe, [rid])[rid]
+    assert end["code"] == "rate_limited" and end["retry_after"] > 0
+    late = probe.request("Hi", temperature=9)  # invalid and past the rate: told the rate
+    assert ends(probe, [late])[late]["code"] == "rate_limited"
+
+
 def test_one_conversation_too_many_is_refused_until_one_ends(
     limited_daemon: Daemon, probe_factory: Any
 ) -> None:

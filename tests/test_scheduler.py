@@ -565,7 +565,7 @@ class HeldGrammars:
         self.pending: list[Callable[[Compiled], None]] = []
         self.closed = False
 
-    def request(self, fmt: Any, done: Callable[[Compiled], None]) -> None:
+    def request(self, fmt: Any, done: Callable[[Compiled], None], **kw: Any) -> None:
         self.pending.append(done)
 
     def close(self) -> None:

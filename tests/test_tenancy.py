@@ -121,11 +121,12 @@ def test_a_client_flooding_the_tables_leaves_others_history_and_records(
         original = alice.collect(first, timeout=120)
         assert original[-1]["type"] == "done"
 
-        # A few at a time, so that none is refused as busy.
-        for start in range(0, FLOOD, 12):
+        # A few at a time, so that none is refused as busy: within a client's share of the
+        # queue (limits.max_queued_per_client, 8).
+        for start in range(0, FLOOD, 8):
             rids = [
                 mallory.request("Hi", node=NODE, conversation_id=f"m{i}", max_tokens=1)
-                for i in range(start, min(start + 12, FLOOD))
+                for i in range(start, min(start + 8, FLOOD))
             ]
             for rid in rids:
                 assert mallory.collect(rid, timeout=120)[-1]["type"] == "done"

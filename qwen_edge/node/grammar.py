@@ -64,7 +64,7 @@ def grammar_for(fmt: str | Mapping[str, Any]) -> str:
             raise UnsupportedSchema('must be "json" or a JSON Schema object')
         return str(JSON_GBNF)  # llama.cpp's: any JSON object
     check_size(dict(fmt))
-    return _schema_grammar(canonical(dict(fmt)))
+    return _schema_grammar(canonical(dict(fmt)), bounded=True)
 
 
 def tool_grammar_for(spec: ToolGrammar) -> str:
@@ -76,10 +76,11 @@ def tool_grammar_for(spec: ToolGrammar) -> str:
 def _compile_tools(spec: ToolGrammar) -> str:
     check_size(spec.schema)  # protocol.py did, for a request; tests and tools call this directly
     text = json.dumps(spec.schema, ensure_ascii=False)  # in its order: see ToolGrammar.key
-    return wrap_grammar(_schema_grammar(text), calls_only=spec.calls_only)
+    # A device's tools: the bounds of a device's format apply to the combined schema.
+    return wrap_grammar(_schema_grammar(text, bounded=True), calls_only=spec.calls_only)
 
 
-def _schema_grammar(text: str) -> str:
+def _schema_grammar(text: str, *, bounded: bool) -> str:
     schema = json.loads(text)
     validator = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
     try:
@@ -89,14 +90,14 @@ def _schema_grammar(text: str) -> str:
         raise UnsupportedSchema(
             f"not a valid JSON Schema: {exc.message}" + (f" (at /{where})" if where else "")
         ) from None
-    plain = plain_schema(schema)
+    plain = plain_schema(schema, bounded=bounded)
     try:
         grammar = str(json_schema_to_gbnf(json.dumps(plain)))
     except RecursionError:
         raise UnsupportedSchema("the schema is nested too deeply") from None
     except Exception as exc:  # the converter refuses with asserts and ValueErrors
         raise UnsupportedSchema(f"the grammar converter refused it: {exc}") from None
-    if len(grammar) > MAX_GRAMMAR_BYTES:
+    if bounded and len(grammar) > MAX_GRAMMAR_BYTES:
         raise UnsupportedSchema(
             f"its grammar is {len(grammar)} bytes, more than the {MAX_GRAMMAR_BYTES} allowed"
         )
@@ -122,9 +123,10 @@ GrammarSpec = str | Mapping[str, Any] | ToolGrammar
 
 class GrammarSource(Protocol):
     """What the scheduler needs: a format's (or tools') grammar, handed to `done` on some
-    thread (maybe the caller's, at once, when it is known)."""
+    thread (maybe the caller's, at once, when it is known). `bounded` False: a format the node
+    built itself (formatschema.plain_schema); tools are always bounded."""
 
-    def request(self, fmt: GrammarSpec, done: OnCompiled) -> None: ...
+    def request(self, fmt: GrammarSpec, done: OnCompiled, *, bounded: bool = True) -> None: ...
 
     def close(self) -> None: ...
 
@@ -135,18 +137,20 @@ class GrammarCompiler:
     here). Started on first use; close() stops and joins it."""
 
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
-        self._cache: OrderedDict[str, Compiled] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, bool], Compiled] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[str, OnCompiled] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[tuple[str, bool], OnCompiled] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
 
-    def request(self, fmt: GrammarSpec, done: OnCompiled) -> None:
+    def request(self, fmt: GrammarSpec, done: OnCompiled, *, bounded: bool = True) -> None:
         if isinstance(fmt, str):
             done(_json_grammar(fmt))
             return
         # Sized already by protocol.py; a tools key never equals a schema's text (see .key).
-        key = fmt.key if isinstance(fmt, ToolGrammar) else canonical(dict(fmt))
+        key = (fmt.key, True) if isinstance(fmt, ToolGrammar) else (canonical(dict(fmt)), bounded)
         with self._lock:
             known = self._cache.get(key)
             if known is not None:
@@ -189,11 +193,11 @@ def _json_grammar(fmt: str) -> Compiled:
     return Compiled(str(JSON_GBNF))
 
 
-def _compile(key: str) -> Compiled:
+def _compile(key: tuple[str, bool]) -> Compiled:
     try:
-        if key.startswith("tools:"):
-            return Compiled(_compile_tools(ToolGrammar.from_key(key)))
-        return Compiled(_schema_grammar(key))
+        if key[0].startswith("tools:"):
+            return Compiled(_compile_tools(ToolGrammar.from_key(key[0])))
+        return Compiled(_schema_grammar(key[0], bounded=key[1]))
     except UnsupportedSchema as exc:
         return Compiled(None, str(exc))
     except Exception as exc:  # never kill the thread over one schema

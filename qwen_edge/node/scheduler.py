@@ -65,6 +65,9 @@ class Job:
     announce: bool = False
     # Its format's (or tools') grammar, once compiled; a slot takes the job only when `ready`.
     grammar: str | None = None
+    # False: a format the node built itself (the Wyoming adapter's), not held to the schema
+    # bounds; its grammar's work is paced all the same.
+    bounded: bool = True
     format_error: str | None = None  # why its format has no grammar
     ready: bool = True
     # What its grammar is made from: the request's format, or its tools (None: no grammar).
@@ -76,6 +79,11 @@ class Job:
     def spec_field(self) -> str:
         """The request field a grammar refusal names."""
         return "tools" if isinstance(self.spec, ToolGrammar) else "format"
+
+    @property
+    def refusal(self) -> str:
+        """Why its format (or tools) has no grammar, naming the field."""
+        return f"{self.spec_field}: {self.format_error}"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -157,7 +165,9 @@ class Scheduler:
             log.info("request_displaced", client_id=displaced.client_id)
             self._end_with_error(displaced, ErrorCode.BUSY, DISPLACED)
         if job.spec is not None:  # maybe at once, on this thread: lock released
-            self._grammars.request(job.spec, lambda done: self._compiled(job, done))
+            self._grammars.request(
+                job.spec, lambda done: self._compiled(job, done), bounded=job.bounded
+            )
         return None
 
     def _compiled(self, job: Job, compiled: Compiled) -> None:
@@ -261,9 +271,7 @@ class Scheduler:
     def _start(self, job: Job, free: list[Slot]) -> None:
         req = job.request
         if job.spec is not None and job.grammar is None and not job.cancelled:
-            self._end_with_error(
-                job, ErrorCode.BAD_REQUEST, f"{job.spec_field}: {job.format_error}"
-            )
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, job.refusal)
             return
         new = new_turn(self._store, job)
         if isinstance(new, RequestError):

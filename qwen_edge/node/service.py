@@ -30,6 +30,7 @@ from ..protocol import NodeState, final_seq
 from ..settings import Settings
 from ..topics import FleetTopics, Topics
 from . import systemd_notify
+from .assist import Entities, load_entities
 from .conversations import ConversationStore
 from .engine import Engine
 from .failover import Failover
@@ -43,6 +44,7 @@ from .link import Inbound, MqttLink, Subscription
 from .modelfile import ModelError, verify_model_file
 from .scheduler import Scheduler
 from .statestore import StateStore, state_directory
+from .wyoming import WyomingServer
 
 log = structlog.get_logger("qwen_edge.node.service")
 
@@ -101,6 +103,9 @@ class Service:
         )
         self._intake: Intake | None = None  # by _open_state(), before the link connects
         self._failover: Failover | None = None  # in a fleet, on joining the pool
+        # One set of per-client limits for every way in: MQTT devices and Wyoming peers.
+        self._limits = ClientLimits(s.limits)
+        self._wyoming: WyomingServer | None = None  # [wyoming] enabled, once the model is loaded
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         self._stop.set()
@@ -157,7 +162,7 @@ class Service:
             self.topics,
             self._link.publish,
             RequestJournal(state),
-            ClientLimits(s.limits),
+            self._limits,
             max_payload=s.mqtt.max_payload,
             keep_max=s.model.slots + s.model.queue_size,
         )
@@ -218,7 +223,32 @@ class Service:
             self._intake.open(scheduler)
         self.health.loaded(scheduler, s)
         self.health.start_watchdog()
+        if s.wyoming.enabled:
+            self._open_wyoming(scheduler)
         return scheduler, inference
+
+    def _open_wyoming(self, scheduler: Scheduler) -> None:
+        """Home Assistant's Assist: one more client of the scheduler and the limits. A port
+        that cannot be bound is logged; the node serves MQTT all the same."""
+        s = self.settings.wyoming
+        with phase("wyoming_opened") as logged:
+            entities = load_entities(s.entities) if s.entities is not None else Entities()
+            server = WyomingServer(
+                s,
+                scheduler,
+                self._limits,
+                entities,
+                node_id=self.settings.node_id,
+                model_name=self.model_name,
+                version=self.version,
+            )
+            try:
+                server.start()
+            except OSError as exc:
+                log.error("wyoming_unavailable", host=s.host, port=s.port, error=str(exc))
+                return
+            self._wyoming = server
+            logged.update(port=server.port, names=len(entities.names), areas=len(entities.areas))
 
     def _join_pool(self) -> None:
         """In a fleet: the pool link, proven by a probe. Only now, loaded: a loading node would
@@ -277,6 +307,8 @@ class Service:
             # Pooled requests go to the other nodes from now on, instead of `shutting_down`
             # here; pooled cancels still reach us during the drain.
             pool_link.unsubscribe(self.fleet.shared_requests)
+        if self._wyoming is not None:
+            self._wyoming.stop()  # its transcripts in flight are cancelled
         # The subscriptions stay in the broker session, so requests sent while the node is down
         # wait for its return; requests that arrive during the drain get `shutting_down`.
         scheduler.stop(self.settings.service.drain_timeout)
