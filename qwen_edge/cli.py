@@ -61,6 +61,14 @@ def _add_chat(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.add_argument(
+        "--tools",
+        type=Path,
+        default=None,
+        help="JSON file: an array of tools the model may call (docs/protocol.md, Tool calls); "
+        "the calls it makes are shown, not run",
+    )
+    chat.add_argument("--tool-choice", default=None, choices=["auto", "none", "required"])
+    chat.add_argument(
         "--timeout",
         type=float,
         default=120.0,

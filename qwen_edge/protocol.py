@@ -23,9 +23,18 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .formatschema import UnsupportedSchema, check_size
+from .toolcalls import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_TOOL_RESULTS,
+    MAX_TOOLS,
+    TOOL_NAME_PATTERN,
+    ToolGrammar,
+    call_schema,
+)
 
 PROTOCOL_VERSION: Final = 1
 ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -59,6 +68,7 @@ class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"
 
 
 def _utf8_encodable(value: str) -> str:
@@ -70,14 +80,77 @@ def _utf8_encodable(value: str) -> str:
     return value
 
 
+_STRICT: Final = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+
+class ToolFunction(BaseModel):
+    """A tool's function: its name, what it does, and the JSON Schema of its arguments (an
+    object schema within the `format` subset; checked on the grammar thread)."""
+
+    model_config = _STRICT
+
+    name: Annotated[str, StringConstraints(pattern=TOOL_NAME_PATTERN)]
+    description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION_CHARS)] = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type") != "object":
+            raise ValueError('must be an object schema ({"type": "object", ...})')
+        return value
+
+
+class Tool(BaseModel):
+    """One entry of a request's `tools`, in OpenAI's and Ollama's shape."""
+
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: ToolFunction
+
+    def wire(self) -> dict[str, Any]:
+        """As a chat template expects it (and as it came)."""
+        f = self.function
+        return {
+            "type": "function",
+            "function": {"name": f.name, "description": f.description, "parameters": f.parameters},
+        }
+
+
+class _ChosenName(BaseModel):
+    model_config = _STRICT
+
+    name: Annotated[str, StringConstraints(pattern=TOOL_NAME_PATTERN)]
+
+
+class ChosenTool(BaseModel):
+    """`tool_choice` naming the one tool the reply must call."""
+
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: _ChosenName
+
+
+class ToolResult(BaseModel):
+    """The device's answer to one call of the conversation's last reply."""
+
+    model_config = _STRICT
+
+    tool_call_id: Identifier
+    content: str
+
+
 class ChatRequest(BaseModel):
     """A request published by a device to {prefix}/{node}/request/{client_id}."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+    model_config = _STRICT
 
     request_id: Identifier
     conversation_id: Identifier = "default"
-    message: Annotated[str, StringConstraints(min_length=1)]
+    # Required, except in a request that carries tool_results (the model goes on from them).
+    message: Annotated[str, StringConstraints(min_length=1)] | None = None
     system: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=5)] | None = None
@@ -95,6 +168,11 @@ class ChatRequest(BaseModel):
         | None
     ) = None
     chunk_ms: Annotated[int, Field(ge=0, le=MAX_CHUNK_MS)] | None = None  # None: 0
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | ChosenTool | None = None  # None: auto
+    tool_results: (
+        Annotated[list[ToolResult], Field(min_length=1, max_length=MAX_TOOL_RESULTS)] | None
+    ) = None
 
     @field_validator("format", mode="before")
     @classmethod
@@ -114,10 +192,53 @@ class ChatRequest(BaseModel):
                 raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _tools_fit(self) -> Self:
+        # Cheap checks only (paho's network thread): the call schema's size; the grammar
+        # thread checks the schemas themselves (formatschema, node/grammar.py).
+        if self.message is None and not self.tool_results:
+            raise ValueError("message: required (only a request with tool_results may omit it)")
+        choice = self.tool_choice
+        if self.tools is None:
+            if choice not in (None, "auto", "none"):
+                raise ValueError("tool_choice: needs tools")
+            return self
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two tools have the same name")
+        if isinstance(choice, ChosenTool) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+        if choice != "none" and (self.format is not None or self.stop):
+            raise ValueError(
+                "tools: cannot be combined with format or stop (unless tool_choice is none)"
+            )
+        grammar = self.tool_grammar()
+        if grammar is not None:
+            try:
+                check_size(grammar.schema)
+            except UnsupportedSchema as exc:
+                raise ValueError(f"tools: {exc}") from None
+        return self
+
+    def tool_grammar(self) -> ToolGrammar | None:
+        """What the reply is held to when the model may call a tool (None: no tools, or
+        tool_choice none): the calls' schema, and whether text is allowed instead."""
+        choice = self.tool_choice
+        if self.tools is None or choice == "none":
+            return None
+        tools = self.tools
+        if isinstance(choice, ChosenTool):
+            tools = [t for t in tools if t.function.name == choice.function.name]
+        schema = call_schema([(t.function.name, t.function.parameters) for t in tools])
+        return ToolGrammar(schema, calls_only=choice not in (None, "auto"))
+
     def model_post_init(self, context: Any, /) -> None:
-        _utf8_encodable(self.message)
+        if self.message is not None:
+            _utf8_encodable(self.message)
         if self.system is not None:
             _utf8_encodable(self.system)
+        for result in self.tool_results or ():
+            _utf8_encodable(result.content)
 
 
 # A request's envelope; every other field ChatRequest declares is an option a device may set.
@@ -139,6 +260,9 @@ class RequestOptions(TypedDict, total=False):
     format: str | dict[str, Any] | None
     stop: Sequence[str] | None
     chunk_ms: int | None
+    tools: Sequence[Any] | None  # the client turns functions into tool dicts
+    tool_choice: str | dict[str, Any] | None
+    tool_results: Sequence[dict[str, Any]] | None
 
 
 class CancelRequest(BaseModel):
@@ -384,6 +508,8 @@ class ChunkMessage(_ReplyMessage):
 class DoneMessage(_ReplyMessage):
     type: Literal["done"] = "done"
     finish_reason: str  # a FinishReason
+    # finish_reason tool_calls only: [{"id", "name", "arguments"}], arguments a JSON object.
+    tool_calls: list[dict[str, Any]] | None = None
     usage: dict[str, int] = Field(default_factory=dict)  # prompt/completion/cached_tokens
     timings: dict[str, Number | None] = Field(default_factory=dict)  # ttft_ms, tokens_per_s
 
@@ -399,12 +525,14 @@ class DoneMessage(_ReplyMessage):
         cached_tokens: int,
         ttft_ms: float | None,
         tokens_per_s: float | None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> Self:
         """The done message of a reply, timings rounded as sent."""
         return cls(
             request_id=request_id,
             seq=seq,
             finish_reason=finish_reason.value,
+            tool_calls=tool_calls,
             usage={
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -417,8 +545,16 @@ class DoneMessage(_ReplyMessage):
         )
 
     def encode(self) -> bytes:
+        if self.tool_calls is None:  # the bytes of every done before tools
+            return self._encode(
+                "done", finish_reason=self.finish_reason, usage=self.usage, timings=self.timings
+            )
         return self._encode(
-            "done", finish_reason=self.finish_reason, usage=self.usage, timings=self.timings
+            "done",
+            finish_reason=self.finish_reason,
+            tool_calls=self.tool_calls,
+            usage=self.usage,
+            timings=self.timings,
         )
 
 

@@ -10,7 +10,8 @@ Imports neither llama.cpp nor systemd: a device needs neither.
 
 from ..protocol import RequestOptions, Status
 from .edge import AsyncEdgeClient, EdgeClient
-from .exchange import EdgeError, Reply
+from .exchange import EdgeError, Reply, ToolCall
+from .functions import tool_from_function
 from .streams import AsyncStream, Stream
 
 # Status: what node_status() returns (protocol.Status, a node's retained status).
@@ -23,4 +24,6 @@ __all__ = [
     "RequestOptions",
     "Status",
     "Stream",
+    "ToolCall",
+    "tool_from_function",
 ]

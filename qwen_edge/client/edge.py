@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, Unpack
@@ -17,6 +18,7 @@ from ..protocol import RequestOptions, Status
 from ..settings import MqttSettings, Settings
 from .connection import Connection, Item, Sink
 from .exchange import Exchange, Pins, Reply, request_body
+from .functions import call_tool, callables, next_keywords, result_text
 from .streams import AsyncStream, Stream
 
 DEFAULT_GROUP: Final = "pool"
@@ -140,7 +142,7 @@ class EdgeClient:
 
     def _exchange(
         self,
-        prompt: str,
+        prompt: str | None,
         conversation_id: str,
         sink: Sink,
         on_restart: Callable[[], None] | None,
@@ -153,7 +155,7 @@ class EdgeClient:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | None,
         conversation_id: str = "default",
         max_tokens: int | None = None,
         *,
@@ -163,8 +165,9 @@ class EdgeClient:
     ) -> Stream:
         """Send `prompt`; iterate the result for the reply's texts as they arrive. `options`:
         any request field (protocol.RequestOptions); one left None is not sent (the node's
-        default applies). `timeout`: seconds without any message of the reply before
-        TimeoutError."""
+        default applies); `tools` may be plain functions (their schema from type hints and
+        docstring). `prompt` None only with `tool_results`. `timeout`: seconds without any
+        message of the reply before TimeoutError."""
         inbox: queue.Queue[Item] = queue.Queue()
         exchange = self._exchange(
             prompt, conversation_id, inbox.put, on_restart, {"max_tokens": max_tokens, **options}
@@ -173,19 +176,52 @@ class EdgeClient:
 
     def ask(
         self,
-        prompt: str,
+        prompt: str | None,
         conversation_id: str = "default",
         max_tokens: int | None = None,
         *,
         timeout: float | None = 60.0,
         **options: Unpack[RequestOptions],
     ) -> Reply:
-        """Send `prompt` and wait for the whole reply; same fields as stream()."""
+        """Send `prompt` and wait for the whole reply (`tool_calls` holds the calls it made);
+        same fields as stream()."""
         with self.stream(prompt, conversation_id, max_tokens, timeout=timeout, **options) as stream:
             for _ in stream:
                 pass
             assert stream.reply is not None
             return stream.reply
+
+    def run_tools(
+        self,
+        message: str,
+        tools: Sequence[Callable[..., Any]],
+        *,
+        max_rounds: int = 4,
+        **ask_keywords: Any,
+    ) -> Reply:
+        """Ask with `tools` (plain functions), call the functions the model calls and send
+        their results, until the model answers in text; that reply is returned. After
+        `max_rounds` rounds of calls the results go with tool_choice `none`, so the model
+        answers then. A function that raises is not fatal: the model reads `error: ...`.
+        `ask_keywords`: ask()'s (conversation_id, max_tokens, tool_choice for the first round,
+        ...); every round is in the same conversation."""
+        functions = callables(tools)
+        if any(inspect.iscoroutinefunction(f) for f in functions.values()):
+            raise TypeError("coroutine functions need AsyncEdgeClient.run_tools")
+        reply = self.ask(message, tools=tools, **ask_keywords)
+        rounds = 0
+        while reply.tool_calls:
+            rounds += 1
+            results = [
+                {
+                    "tool_call_id": c.id,
+                    "content": result_text(call_tool(functions, c.name, c.arguments)),
+                }
+                for c in reply.tool_calls
+            ]
+            keywords = next_keywords(ask_keywords, rounds, max_rounds)
+            reply = self.ask(None, tools=tools, tool_results=results, **keywords)
+        return reply
 
 
 class AsyncEdgeClient:
@@ -220,7 +256,7 @@ class AsyncEdgeClient:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | None,
         conversation_id: str = "default",
         max_tokens: int | None = None,
         *,
@@ -244,7 +280,7 @@ class AsyncEdgeClient:
 
     async def ask(
         self,
-        prompt: str,
+        prompt: str | None,
         conversation_id: str = "default",
         max_tokens: int | None = None,
         *,
@@ -259,3 +295,31 @@ class AsyncEdgeClient:
             await stream.aclose()
         assert stream.reply is not None
         return stream.reply
+
+    async def run_tools(
+        self,
+        message: str,
+        tools: Sequence[Callable[..., Any]],
+        *,
+        max_rounds: int = 4,
+        **ask_keywords: Any,
+    ) -> Reply:
+        """EdgeClient.run_tools for asyncio: coroutine functions are awaited, plain ones
+        called as they are."""
+        functions = callables(tools)
+        reply = await self.ask(message, tools=tools, **ask_keywords)
+        rounds = 0
+        while reply.tool_calls:
+            rounds += 1
+            results = []
+            for call in reply.tool_calls:
+                value = call_tool(functions, call.name, call.arguments)
+                if inspect.isawaitable(value):
+                    try:
+                        value = await value
+                    except Exception as exc:  # as call_tool does for plain functions
+                        value = f"error: {type(exc).__name__}: {exc}"
+                results.append({"tool_call_id": call.id, "content": result_text(value)})
+            keywords = next_keywords(ask_keywords, rounds, max_rounds)
+            reply = await self.ask(None, tools=tools, tool_results=results, **keywords)
+        return reply

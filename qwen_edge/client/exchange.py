@@ -23,6 +23,7 @@ from ..protocol import (
     encode,
 )
 from .connection import Arrived, Connection, Item, LinkEvent, Sink
+from .functions import tool_dicts
 
 
 class EdgeError(Exception):
@@ -37,16 +38,28 @@ class EdgeError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made: answer it with {"tool_call_id": id, "content": ...} in the
+    next request's tool_results (EdgeClient.run_tools does)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """A whole reply: its text, why it ended, its token counts, and who served it."""
+    """A whole reply: its text (or the tool calls it made), why it ended, its token counts,
+    and who served it."""
 
     text: str
-    finish_reason: str  # stop, length or cancelled
+    finish_reason: str  # stop, length, cancelled or tool_calls
     usage: dict[str, int]  # prompt_tokens, completion_tokens, cached_tokens
     node: str
     request_id: str
     model: str = ""
     timings: dict[str, float | None] = field(default_factory=dict)  # ttft_ms, tokens_per_s
+    tool_calls: tuple[ToolCall, ...] = ()  # finish_reason tool_calls: the calls, in order
 
 
 # -- one request, from its first send to its end ------------------------------------------------
@@ -251,6 +264,10 @@ class Exchange:
                 request_id=self.request_id,
                 model=self.start.model if self.start is not None else "",
                 timings=dict(message.timings),
+                tool_calls=tuple(
+                    ToolCall(str(c["id"]), str(c["name"]), dict(c["arguments"]))
+                    for c in message.tool_calls or ()
+                ),
             )
             self._core.unregister(self.request_id)
         elif message.code == ErrorCode.NODE_LOST and self.pooled and not self.retried_lost:
@@ -290,17 +307,26 @@ class Exchange:
 
 
 def request_body(
-    prompt: str,
+    prompt: str | None,
     conversation_id: str,
     options: dict[str, Any],
 ) -> dict[str, Any]:
     """A request's JSON body: the envelope and every option that is set (protocol.REQUEST_OPTIONS,
-    the fields ChatRequest declares); None is not sent, the node's default applies."""
+    the fields ChatRequest declares); None is not sent, the node's default applies. `prompt`
+    None: no message (a request with tool_results); `tools` may hold plain functions."""
     unknown = set(options) - REQUEST_OPTIONS
     if unknown:
         raise TypeError(f"unknown request field(s): {', '.join(sorted(unknown))}")
-    body: dict[str, Any] = {"request_id": "", "conversation_id": conversation_id, "message": prompt}
+    body: dict[str, Any] = {"request_id": "", "conversation_id": conversation_id}
+    if prompt is not None:
+        body["message"] = prompt
     for key, value in options.items():
-        if value is not None and not (key == "reset" and value is False):
-            body[key] = list(value) if key == "stop" else value
+        if value is None or (key == "reset" and value is False):
+            continue
+        if key == "tools":
+            body[key] = tool_dicts(value)
+        elif key in ("stop", "tool_results"):
+            body[key] = list(value)
+        else:
+            body[key] = value
     return body

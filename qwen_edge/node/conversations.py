@@ -8,17 +8,36 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 ConversationKey = tuple[str, str]  # (client_id, conversation_id)
+Message = dict[str, Any]  # a chat message as the template takes it
+
+
+@dataclass(frozen=True, slots=True)
+class ToolTurn:
+    """A turn with tool calls or tool results: the messages it adds, in the template's roles
+    (`tool` results, the user's message if any, the assistant's text or `tool_calls`)."""
+
+    messages: tuple[Message, ...]
+
+    def pending_calls(self) -> dict[str, str]:
+        """The calls this turn ended with ({id: name}), which the next request may answer."""
+        last = self.messages[-1] if self.messages else {}
+        calls = last.get("tool_calls") or () if last.get("role") == "assistant" else ()
+        return {c["id"]: c["function"]["name"] for c in calls}
+
+
+# A plain turn is (user, assistant), as before tools; persisted the same way.
+Turn = tuple[str, str] | ToolTurn
 
 
 @dataclass(slots=True)
 class Conversation:
     system: str | None = None
-    turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant)
+    turns: list[Turn] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -34,23 +53,31 @@ class ContextOverflow(Exception):
 
 
 def build_messages(
-    system: str | None, turns: list[tuple[str, str]], message: str
-) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
+    system: str | None, turns: Sequence[Turn], message: str | Sequence[Message]
+) -> list[Message]:
+    """The chat messages of a prompt; `message` is the new user message, or the new turn's
+    messages (tool results, then the user's message if any)."""
+    messages: list[Message] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
-    for user, assistant in turns:
-        messages.append({"role": "user", "content": user})
-        messages.append({"role": "assistant", "content": assistant})
-    messages.append({"role": "user", "content": message})
+    for turn in turns:
+        if isinstance(turn, ToolTurn):
+            messages.extend(turn.messages)
+        else:
+            messages.append({"role": "user", "content": turn[0]})
+            messages.append({"role": "assistant", "content": turn[1]})
+    if isinstance(message, str):
+        messages.append({"role": "user", "content": message})
+    else:
+        messages.extend(message)
     return messages
 
 
 def fit_prompt(
     system: str | None,
-    turns: list[tuple[str, str]],
-    message: str,
-    render: Callable[[list[dict[str, str]]], list[int]],
+    turns: Sequence[Turn],
+    message: str | Sequence[Message],
+    render: Callable[[list[Message]], list[int]],
     limit: int,
 ) -> tuple[list[int], int]:
     """The longest-history prompt of at most `limit` tokens, and how many old turns it dropped.
@@ -78,7 +105,7 @@ def fit_prompt(
 
 class ConversationPersistence(Protocol):
     def save_conversation(
-        self, key: ConversationKey, system: str | None, turns: list[tuple[str, str]]
+        self, key: ConversationKey, system: str | None, turns: list[Turn]
     ) -> None: ...
 
     def delete_conversation(self, key: ConversationKey) -> None: ...
@@ -113,7 +140,7 @@ class ConversationStore:
         self._persist = persist
 
     def restore(
-        self, key: ConversationKey, system: str | None, turns: list[tuple[str, str]], idle: float
+        self, key: ConversationKey, system: str | None, turns: list[Turn], idle: float
     ) -> None:
         """Put back a saved conversation, unused for `idle` seconds; call least recent first."""
         if idle > self._ttl:
@@ -148,14 +175,29 @@ class ConversationStore:
             self._by_client[key[0]].move_to_end(key)
         return conversation
 
+    def pending_calls(self, key: ConversationKey) -> dict[str, str]:
+        """The calls ({id: name}) the conversation's last reply ended with; neither uses nor
+        creates it."""
+        conversation = self._items.get(key)
+        if conversation is None or not conversation.turns:
+            return {}
+        last = conversation.turns[-1]
+        return last.pending_calls() if isinstance(last, ToolTurn) else {}
+
     def record(
-        self, key: ConversationKey, system: str | None, dropped: int, user: str, reply: str
+        self,
+        key: ConversationKey,
+        system: str | None,
+        dropped: int,
+        user: str | ToolTurn,
+        reply: str = "",
     ) -> None:
-        """Remember a finished turn; `dropped` old turns no longer fit the context and go."""
+        """Remember a finished turn, (user, reply) or a ToolTurn; `dropped` old turns no longer
+        fit the context and go."""
         conversation = self.get(key)
         conversation.system = system
         del conversation.turns[:dropped]
-        conversation.turns.append((user, reply))
+        conversation.turns.append(user if isinstance(user, ToolTurn) else (user, reply))
         if self._persist is not None:
             self._persist.save_conversation(key, system, conversation.turns)
 
@@ -207,7 +249,7 @@ class ConversationStore:
 
 
 def shared_start(
-    render: Callable[[list[dict[str, str]]], list[int]], variants: list[list[dict[str, str]]]
+    render: Callable[[list[Message]], list[int]], variants: list[list[Message]]
 ) -> list[int]:
     """The tokens that every one of `variants` starts with once rendered.
 

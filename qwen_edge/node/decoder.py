@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..toolcalls import ToolGrammar
+
 
 class DecodeError(Exception):
     """llama_decode failed."""
@@ -75,8 +77,11 @@ class EngineLike(Protocol):
     @property
     def n_batch(self) -> int: ...
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The tokens of `messages` in the chat template, ready for the assistant's turn."""
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The tokens of `messages` in the chat template, ready for the assistant's turn;
+        `tools` shown to the model (the template's way, or toolcalls' fallback)."""
 
     def decode(self, rows: Sequence[Row]) -> list[int]:
         """Evaluate the rows in one step (at most n_batch tokens); each row's logits index, -1
@@ -111,13 +116,15 @@ class Compiled:
 OnCompiled = Callable[[Compiled], None]
 
 
-class GrammarSource(Protocol):
-    """What the scheduler needs: a format's grammar, handed to `done` on some thread (maybe
-    the caller's, at once, when it is known). `bounded` False: a format the node built itself
-    (formatschema.plain_schema)."""
+# What a grammar is made from: a request's `format` ("json" or a schema), or its tools.
+GrammarSpec = str | Mapping[str, Any] | ToolGrammar
 
-    def request(
-        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
-    ) -> None: ...
+
+class GrammarSource(Protocol):
+    """What the scheduler needs: a format's (or tools') grammar, handed to `done` on some
+    thread (maybe the caller's, at once, when it is known). `bounded` False: a format the node
+    built itself (formatschema.plain_schema); tools are always bounded."""
+
+    def request(self, fmt: GrammarSpec, done: OnCompiled, *, bounded: bool = True) -> None: ...
 
     def close(self) -> None: ...

@@ -16,12 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
+import jinja2
+import jinja2.meta
 import llama_cpp
 import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..settings import ModelSettings
+from ..toolcalls import fallback_messages
 from .budget import MIB, BudgetError, MemoryPlan, plan_memory
 from .decoder import DecodeError, GrammarError, Row, SamplingParams
 from .modelfile import ModelError
@@ -34,6 +37,19 @@ CHATML_TEMPLATE: Final = (
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template shows `tools` itself (Qwen2.5's does; SmolLM2's does not)."""
+    try:
+        ast = jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False  # the formatter will say so when it renders
+    return "tools" in jinja2.meta.find_undeclared_variables(ast)
+
+
+def _has_tool_messages(messages: list[dict[str, Any]]) -> bool:
+    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 class Sampler:
@@ -302,8 +318,10 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
 
+        template = self._chat_template()
+        self.template_tools = template_takes_tools(template)
         self._formatter = Jinja2ChatFormatter(
-            template=self._chat_template(),
+            template=template,
             eos_token=self._token_text(llama_cpp.llama_vocab_eos(self.vocab)),
             bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
             add_generation_prompt=True,
@@ -409,12 +427,20 @@ class Engine:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, False, special)
         return list(buf[:n])
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Tokens of the chat template applied to `messages`, ready for the assistant's turn.
 
-        Rendered and tokenised exactly as llama-cpp-python's create_chat_completion does.
+        Rendered and tokenised exactly as llama-cpp-python's create_chat_completion does. A
+        template that takes `tools` gets them and the messages with tool calls and results as
+        they are; for another, toolcalls.fallback_messages writes both into plain messages
+        (only when there is something of tools to write: plain prompts stay as they were).
         """
-        rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
+        if not self.template_tools and (tools or _has_tool_messages(messages)):
+            messages = list(fallback_messages(messages, tools))
+            tools = None
+        rendered = self._formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         return self.tokenize(rendered.prompt, special=True)
 
     def new_sampler(self, params: SamplingParams) -> Sampler:

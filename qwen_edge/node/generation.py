@@ -7,12 +7,15 @@ the KV cells and whose they are, stays with the slot.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..protocol import FinishReason
+from ..toolcalls import CALL_OPEN, ToolCall, ToolGrammar, new_call_id, parse_calls
 from .decoder import TokenSampler
 from .text import StopStrings, TextAssembler
 
@@ -103,7 +106,7 @@ class Generation:
             self.job.stream.chunk(tail)
         return "".join(self._reply)
 
-    def done(self, reason: FinishReason) -> None:
+    def done(self, reason: FinishReason, tool_calls: list[dict[str, Any]] | None = None) -> None:
         """Send `done` with the usage and timings (call finish() first), and log the request."""
         job = self.job
         first = self.first_token_at
@@ -117,6 +120,7 @@ class Generation:
             ttft_ms,
             tokens_per_s,
             cached_tokens=self.reused,
+            tool_calls=tool_calls,
         )
         log.info(
             "request_done",
@@ -134,3 +138,61 @@ class Generation:
     def close(self) -> None:
         """Free the sampler; the one cleanup, whatever ended the request."""
         self.sampler.close()
+
+
+class ToolGeneration(Generation):
+    """A request whose reply may be tool calls (its grammar: toolcalls.wrap_grammar). The
+    reply's first character decides: `<` opens a call, and from then on nothing is streamed
+    (chunks never carry call markup; `done` carries the calls); anything else is text, which
+    the grammar keeps free of call markup, streamed as usual. Under `required` or a named
+    tool it can only be calls. Plain requests never pay for this: they get a Generation."""
+
+    __slots__ = ("_calling",)
+
+    def __init__(self, *args: Any, calls_only: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._calling: bool | None = True if calls_only else None  # None: undecided
+
+    def emit(self, piece: bytes) -> bool:
+        self.generated += 1
+        text = self._text.push(piece)
+        if not text:
+            return False
+        if self._calling is None:
+            self._calling = text.startswith(CALL_OPEN[0])
+        self._reply.append(text)
+        if not self._calling:
+            self.job.stream.chunk(text)
+        return False
+
+    def finish(self) -> str:
+        self._ended_at = time.monotonic()
+        tail = self._text.flush()
+        if tail:
+            self._reply.append(tail)
+            if not self._calling:
+                self.job.stream.chunk(tail)
+        return "".join(self._reply)
+
+    @classmethod
+    def kind(cls, spec: object) -> Callable[..., Generation]:
+        """What a request's Generation is, by what its grammar is made from (Job.spec): with
+        tools a ToolGeneration, else the plain one."""
+        if not isinstance(spec, ToolGrammar):
+            return Generation
+        return functools.partial(cls, calls_only=spec.calls_only)
+
+    @property
+    def calling(self) -> bool:
+        """Whether the reply is calls (so far: nothing of it was streamed)."""
+        return bool(self._calling)
+
+    def calls(self, reply: str) -> list[ToolCall] | None:
+        """The calls a finished reply made, each with a new id; None for a text reply or one
+        cut short (max_tokens) before its calls were complete."""
+        if not self._calling:
+            return None
+        parsed = parse_calls(reply)
+        if parsed is None:
+            return None
+        return [ToolCall(new_call_id(), name, arguments) for name, arguments in parsed]

@@ -27,7 +27,8 @@ import structlog
 from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, json_schema_to_gbnf
 
 from ..formatschema import UnsupportedSchema, canonical, check_size, plain_schema
-from .decoder import Compiled, OnCompiled
+from ..toolcalls import ToolGrammar, wrap_grammar
+from .decoder import Compiled, GrammarSpec, OnCompiled
 
 log = structlog.get_logger("qwen_edge.node.grammar")
 
@@ -42,7 +43,14 @@ STRICT_CHAR_RULE: Final = CHAR_RULE.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1
 MAX_GRAMMAR_BYTES: Final = 65536
 CACHE_SIZE: Final = 64  # grammars (or refusals) kept, by the schema's canonical text
 
-__all__ = ["Compiled", "GrammarCompiler", "UnsupportedSchema", "grammar_for"]
+__all__ = [
+    "Compiled",
+    "GrammarCompiler",
+    "GrammarSpec",
+    "UnsupportedSchema",
+    "grammar_for",
+    "tool_grammar_for",
+]
 
 
 def grammar_for(fmt: str | Mapping[str, Any]) -> str:
@@ -56,6 +64,19 @@ def grammar_for(fmt: str | Mapping[str, Any]) -> str:
         return str(JSON_GBNF)  # llama.cpp's: any JSON object
     check_size(dict(fmt))
     return _schema_grammar(canonical(dict(fmt)), bounded=True)
+
+
+def tool_grammar_for(spec: ToolGrammar) -> str:
+    """The GBNF of a reply to a request with tools (toolcalls.wrap_grammar around the grammar
+    of one call's schema), compiled on the calling thread. Raises UnsupportedSchema."""
+    return _compile_tools(spec)
+
+
+def _compile_tools(spec: ToolGrammar) -> str:
+    check_size(spec.schema)  # protocol.py did, for a request; tests and tools call this directly
+    text = json.dumps(spec.schema, ensure_ascii=False)  # in its order: see ToolGrammar.key
+    # A device's tools: the bounds of a device's format apply to the combined schema.
+    return wrap_grammar(_schema_grammar(text, bounded=True), calls_only=spec.calls_only)
 
 
 def _schema_grammar(text: str, *, bounded: bool) -> str:
@@ -98,13 +119,12 @@ class GrammarCompiler:
         )
         self._thread: threading.Thread | None = None
 
-    def request(
-        self, fmt: str | Mapping[str, Any], done: OnCompiled, *, bounded: bool = True
-    ) -> None:
+    def request(self, fmt: GrammarSpec, done: OnCompiled, *, bounded: bool = True) -> None:
         if isinstance(fmt, str):
             done(_json_grammar(fmt))
             return
-        key = (canonical(dict(fmt)), bounded)  # as protocol.py sized it
+        # Sized already by protocol.py; a tools key never equals a schema's text (see .key).
+        key = (fmt.key, True) if isinstance(fmt, ToolGrammar) else (canonical(dict(fmt)), bounded)
         with self._lock:
             known = self._cache.get(key)
             if known is not None:
@@ -149,6 +169,8 @@ def _json_grammar(fmt: str) -> Compiled:
 
 def _compile(key: tuple[str, bool]) -> Compiled:
     try:
+        if key[0].startswith("tools:"):
+            return Compiled(_compile_tools(ToolGrammar.from_key(key[0])))
         return Compiled(_schema_grammar(key[0], bounded=key[1]))
     except UnsupportedSchema as exc:
         return Compiled(None, str(exc))

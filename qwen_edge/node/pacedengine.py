@@ -13,7 +13,7 @@ import ctypes
 import re
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from ..settings import ModelSettings
 from .budget import MemoryPlan
@@ -93,8 +93,11 @@ class PacedEngine:
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         return list(text.encode("utf-8")[::4])
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenize("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in messages)
+        return self.tokenize(text + (f"\ntools: {len(tools)}" if tools else ""))
 
     def new_sampler(self, params: SamplingParams) -> PacedSampler:
         return PacedSampler(params.seed)  # a format's grammar is not followed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..protocol import (
     ChunkEncoder,
@@ -130,8 +130,10 @@ class ReplyStream:
         tokens_per_s: float | None,
         *,
         cached_tokens: int = 0,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> None:
-        """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again."""
+        """`cached_tokens`: prompt tokens whose KV state was reused, not evaluated again;
+        `tool_calls`: the calls of a reply that ended with them (finish_reason tool_calls)."""
         if self.ended:
             return
         self._flush()
@@ -144,6 +146,7 @@ class ReplyStream:
             cached_tokens=cached_tokens,
             ttft_ms=ttft_ms,
             tokens_per_s=tokens_per_s,
+            tool_calls=tool_calls,
         )
         self._send_final(done.encode(), None)
         self._ended()

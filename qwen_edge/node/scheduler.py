@@ -24,12 +24,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ..protocol import ChatRequest, ErrorCode, FinishReason
+from ..protocol import ChatRequest, ErrorCode, FinishReason, RequestError
 from ..settings import GenerationSettings, LimitSettings
+from ..toolcalls import ToolGrammar
 from .conversations import (
     ContextOverflow,
     ConversationKey,
     ConversationStore,
+    Message,
+    ToolTurn,
+    Turn,
     fit_prompt,
 )
 from .decoder import (
@@ -38,13 +42,15 @@ from .decoder import (
     EngineLike,
     GrammarError,
     GrammarSource,
+    GrammarSpec,
     Row,
     SamplingParams,
 )
-from .generation import Generation
+from .generation import Generation, ToolGeneration
 from .kvstore import Slot, Slots
 from .pacing import GrammarPacer
 from .replies import ReplyStream
+from .toolturns import UnknownResult, answer, renderer, results_messages
 from .waitqueue import WaitQueue
 
 log = structlog.get_logger("qwen_edge.node.scheduler")
@@ -65,13 +71,27 @@ class Job:
     # Send `start` on acceptance, not when a slot takes it: a pooled request is then known to
     # the fleet (and ended by it if this node vanishes) even while it waits in the queue.
     announce: bool = False
-    # Its format's grammar, once compiled; a slot takes the job only when `ready`.
+    # Its format's (or tools') grammar, once compiled; a slot takes the job only when `ready`.
     grammar: str | None = None
     # False: a format the node built itself (the Wyoming adapter's), not held to the schema
     # bounds; its grammar's work is paced all the same.
     bounded: bool = True
     format_error: str | None = None  # why its format has no grammar
     ready: bool = True
+    # What its grammar is made from: the request's format, or its tools (None: no grammar).
+    spec: GrammarSpec | None = None
+    # A request with tool_results: the messages its turn adds before the reply.
+    turn_inputs: list[Message] | None = None
+
+    @property
+    def spec_field(self) -> str:
+        """The request field a grammar refusal names."""
+        return "tools" if isinstance(self.spec, ToolGrammar) else "format"
+
+    @property
+    def refusal(self) -> str:
+        """Why its format (or tools) has no grammar, naming the field."""
+        return f"{self.spec_field}: {self.format_error}"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -143,7 +163,9 @@ class Scheduler:
                     return ErrorCode.BUSY
                 self._jobs.pop(displaced.key, None)
             self._jobs[job.key] = job
-            job.ready = job.request.format is None
+            req = job.request
+            job.spec = req.format if req.format is not None else req.tool_grammar()
+            job.ready = job.spec is None
             if job.announce:  # before the loop can see the job, so start stays seq 0
                 job.stream.start(self._node, self._model_name)
             self._waiting.add(job)
@@ -151,9 +173,9 @@ class Scheduler:
         if displaced is not None:
             log.info("request_displaced", client_id=displaced.client_id)
             self._end_with_error(displaced, ErrorCode.BUSY, DISPLACED)
-        if job.request.format is not None:  # maybe at once, on this thread: lock released
+        if job.spec is not None:  # maybe at once, on this thread: lock released
             self._grammars.request(
-                job.request.format, lambda done: self._compiled(job, done), bounded=job.bounded
+                job.spec, lambda done: self._compiled(job, done), bounded=job.bounded
             )
         return None
 
@@ -166,7 +188,7 @@ class Scheduler:
             refused = compiled.grammar is None and self._waiting.remove(job)
             self._wake.notify()
         if refused:
-            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {compiled.error}")
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"{job.spec_field}: {compiled.error}")
 
     def cancel(self, client_id: str, request_id: str) -> bool:
         """Ask the loop to end a client's job; takes effect before the next decode step."""
@@ -257,8 +279,12 @@ class Scheduler:
 
     def _start(self, job: Job, free: list[Slot]) -> None:
         req = job.request
-        if req.format is not None and job.grammar is None and not job.cancelled:
-            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {job.format_error}")
+        if job.spec is not None and job.grammar is None and not job.cancelled:
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, job.refusal)
+            return
+        new = new_turn(self._store, job)
+        if isinstance(new, RequestError):
+            self._end_with_error(job, new.code, new.message)
             return
         job.stream.start(self._node, self._model_name)
         if job.cancelled:
@@ -268,34 +294,25 @@ class Scheduler:
         max_tokens = min(req.max_tokens or self._gen.max_tokens, self._gen.max_tokens_limit)
         conversation = self._store.get(job.conversation, reset=req.reset)
         system = req.system if req.system is not None else conversation.system
-        reserve = min(max_tokens, self._engine.n_ctx_seq // 4)
-        try:
-            prompt, dropped = fit_prompt(
-                self._gen.system if system is None else system,
-                conversation.turns,
-                req.message,
-                self._engine.chat_prompt,
-                self._engine.n_ctx_seq - reserve,
-            )
-        except ContextOverflow as exc:
-            self._end_with_error(job, ErrorCode.CONTEXT_OVERFLOW, str(exc))
+        prompt_system = self._gen.system if system is None else system
+        fitted = fit(
+            self._engine, job, prompt_system, conversation.turns, new=new, limit=max_tokens
+        )
+        if isinstance(fitted, RequestError):
+            self._end_with_error(job, fitted.code, fitted.message)
             return
-        except Exception as exc:  # a template that refuses the messages, for instance
-            log.exception("prompt_failed", request_id=req.request_id)
-            self._end_with_error(job, ErrorCode.INTERNAL, f"could not build the prompt: {exc}")
-            return
-
+        prompt, dropped = fitted
         slot, keep = self._slots.take(
             job.conversation, prompt, free, client_system=system is not None
         )
         try:
             sampler = self._engine.new_sampler(sampling(self._gen, req, job.grammar))
         except GrammarError as exc:  # intake converted the format; llama.cpp may still refuse
-            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"format: {exc}")
+            self._end_with_error(job, ErrorCode.BAD_REQUEST, f"{job.spec_field}: {exc}")
             return
         if req.chunk_ms:
             job.stream.pace(req.chunk_ms)
-        slot.gen = Generation(
+        slot.gen = ToolGeneration.kind(job.spec)(
             job, prompt, sampler, reused=keep, max_tokens=max_tokens, system=system, dropped=dropped
         )
         if job.grammar is not None:
@@ -349,12 +366,15 @@ class Scheduler:
         assert gen is not None
         reply = gen.finish()
         self.requests_done += 1
-        if reply or reason is not FinishReason.CANCELLED:  # a turn cancelled unseen is no turn
-            job = gen.job
-            self._store.record(
-                job.conversation, gen.system, gen.dropped, job.request.message, reply
-            )
-        gen.done(reason)
+        job = gen.job
+        if isinstance(gen, ToolGeneration) or job.request.tool_results is not None:
+            finish_tools(self._store, gen, reason, reply)
+        else:
+            if reply or reason is not FinishReason.CANCELLED:  # cancelled unseen: no turn
+                message = job.request.message
+                assert message is not None
+                self._store.record(job.conversation, gen.system, gen.dropped, message, reply)
+            gen.done(reason)
         self._release(slot)
 
     def _fail(self, slot: Slot, code: ErrorCode, message: str) -> None:
@@ -382,6 +402,60 @@ class Scheduler:
     def _end(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.key, None)
+
+
+def new_turn(store: ConversationStore, job: Job) -> str | list[Message] | RequestError:
+    """What the request adds to the conversation: its message, or (with tool_results) the
+    results in the `tool` role and its message; an error if a result answers no call."""
+    req = job.request
+    if req.tool_results is None or job.cancelled:
+        return req.message or ""
+    pending = {} if req.reset else store.pending_calls(job.conversation)
+    try:
+        job.turn_inputs = results_messages(req, pending)
+    except UnknownResult as exc:
+        return RequestError(ErrorCode.BAD_REQUEST, str(exc))
+    return job.turn_inputs
+
+
+def fit(
+    engine: EngineLike,
+    job: Job,
+    system: str | None,
+    turns: list[Turn],
+    *,
+    new: str | list[Message],
+    limit: int,
+) -> tuple[list[int], int] | RequestError:
+    """The prompt and the old turns it leaves out (room kept for `limit` tokens of reply),
+    or why it cannot be built."""
+    req = job.request
+    reserve = min(limit, engine.n_ctx_seq // 4)
+    try:
+        return fit_prompt(system, turns, new, renderer(engine, req), engine.n_ctx_seq - reserve)
+    except ContextOverflow as exc:
+        return RequestError(ErrorCode.CONTEXT_OVERFLOW, str(exc))
+    except Exception as exc:  # a template that refuses the messages, for instance
+        log.exception("prompt_failed", request_id=req.request_id)
+        return RequestError(ErrorCode.INTERNAL, f"could not build the prompt: {exc}")
+
+
+def finish_tools(
+    store: ConversationStore, gen: Generation, reason: FinishReason, reply: str
+) -> None:
+    """End a reply that may hold calls, or follows tool results: `done` with the calls,
+    and a turn in the template's roles."""
+    calls = gen.calls(reply) if isinstance(gen, ToolGeneration) else None
+    if calls is not None:
+        reason = FinishReason.TOOL_CALLS
+    elif isinstance(gen, ToolGeneration) and gen.calling:
+        reply = ""  # calls cut short: nothing of them was shown, nothing is kept
+    if reply or reason is not FinishReason.CANCELLED:
+        job = gen.job
+        inputs = job.turn_inputs or [{"role": "user", "content": job.request.message}]
+        turn = ToolTurn((*inputs, answer(reply, calls)))
+        store.record(job.conversation, gen.system, gen.dropped, turn)
+    gen.done(reason, [c.wire() for c in calls] if calls is not None else None)
 
 
 def sampling(gen: GenerationSettings, req: ChatRequest, grammar: str | None) -> SamplingParams:

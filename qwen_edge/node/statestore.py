@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
 from ..settings import DEFAULT_STATE_DIR
+from .conversations import ToolTurn, Turn
 
 log = structlog.get_logger("qwen_edge.node.statestore")
 
@@ -133,7 +134,7 @@ class SavedConversation:
     client_id: str
     conversation_id: str
     system: str | None
-    turns: list[tuple[str, str]]
+    turns: list[Turn]
     idle: float  # seconds since its last turn
 
 
@@ -376,9 +377,13 @@ class StateStore:
     # -- conversations -------------------------------------------------------------------------
 
     def save_conversation(
-        self, key: tuple[str, str], system: str | None, turns: list[tuple[str, str]]
+        self, key: tuple[str, str], system: str | None, turns: list[Turn]
     ) -> None:
-        text = json.dumps(turns, ensure_ascii=False)
+        # A plain turn as [user, assistant] (as before tools), a tool turn as {"messages": [...]}.
+        text = json.dumps(
+            [{"messages": t.messages} if isinstance(t, ToolTurn) else t for t in turns],
+            ensure_ascii=False,
+        )
         self._write(
             lambda db: db.execute(
                 "INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?, ?)",
@@ -420,8 +425,8 @@ class StateStore:
                 " ORDER BY updated"
             ):
                 try:
-                    pairs = [(str(u), str(a)) for u, a in json.loads(turns)]
-                except (ValueError, TypeError):
+                    pairs = [_turn(t) for t in json.loads(turns)]
+                except (ValueError, TypeError, KeyError):
                     log.warning("conversation_unreadable", conversation_id=conversation_id)
                     continue
                 saved.append(
@@ -432,6 +437,16 @@ class StateStore:
             return saved
 
         return self._write(load, [])
+
+
+def _turn(saved: Any) -> Turn:
+    if isinstance(saved, dict):
+        messages = saved["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise TypeError("a tool turn's messages are not a list of objects")
+        return ToolTurn(tuple(messages))
+    user, assistant = saved
+    return (str(user), str(assistant))
 
 
 def _connect(target: str) -> sqlite3.Connection:

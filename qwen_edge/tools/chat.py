@@ -2,13 +2,15 @@
 reply as it streams. Asked of the pool (`--node` = the pool's name), a conversation stays on the
 node that answered its first message.
 
-Ctrl-C while a reply streams sends a cancel; Ctrl-C or Ctrl-D at the prompt quits.
+Ctrl-C while a reply streams sends a cancel; Ctrl-C or Ctrl-D at the prompt quits. With `--tools`
+the model may call tools; a reply of calls is shown as `[call NAME ARGUMENTS id ID]` lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 from typing import Any
 
@@ -32,6 +34,13 @@ def _restarted() -> None:
     print("\n[the node serving this reply went away; asked again]", file=sys.stderr)
 
 
+def _print_calls(reply: Reply) -> None:
+    """A reply of tool calls has no text: show each call (chat does not run them)."""
+    for call in reply.tool_calls:
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        print(f"[call {call.name} {arguments} id {call.id}]")
+
+
 def _print_reply(stream: Stream, timeout: float, pooled: bool) -> int:
     """Print chunks in place until the reply ends; returns an exit code."""
     cancelled = False
@@ -40,6 +49,7 @@ def _print_reply(stream: Stream, timeout: float, pooled: bool) -> int:
             text = next(stream)
         except StopIteration:
             assert stream.reply is not None
+            _print_calls(stream.reply)
             print(f"\n{_note(stream.reply, pooled)}", file=sys.stderr)
             return 0
         except EdgeError as exc:
@@ -75,7 +85,10 @@ def run_chat(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    tools = json.loads(args.tools.read_text()) if args.tools is not None else None
     options: dict[str, Any] = {
+        "tools": tools,
+        "tool_choice": args.tool_choice,
         "system": args.system,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
