@@ -63,8 +63,19 @@ class UnsupportedSchema(ValueError):
 
 def canonical(schema: dict[str, Any]) -> str:
     """The schema's canonical text: the same for every spelling of the same schema (key order,
-    whitespace, escapes), so a cache keyed on it is not defeated by respelling."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    whitespace, escapes), so a cache keyed on it is not defeated by respelling. The order of
+    the names under `properties` is kept: it is the order the reply writes them in."""
+    return json.dumps(_ordered(schema), separators=(",", ":"), ensure_ascii=False)
+
+
+def _ordered(node: Any, *, names: bool = False) -> Any:
+    """`node` with every object's keys sorted, but a `properties` object's names in their order."""
+    if isinstance(node, dict):
+        keys = list(node) if names else sorted(node)
+        return {k: _ordered(node[k], names=(k == "properties" and not names)) for k in keys}
+    if isinstance(node, list):
+        return [_ordered(v) for v in node]
+    return node
 
 
 def check_size(schema: dict[str, Any]) -> str:

@@ -145,3 +145,25 @@ def test_a_format_the_node_builds_itself_is_held_only_to_what_the_converter_need
     assert plain_schema(wide, bounded=False) == wide
     with pytest.raises(UnsupportedSchema, match="alternatives"):
         plain_schema(wide)
+
+
+def test_the_canonical_form_keeps_the_order_of_the_properties() -> None:
+    # The reply writes the properties in this order; sorting them would change the grammar.
+    a = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {}}}
+    b = {"properties": {"alpha": {}, "zeta": {"type": "integer"}}, "type": "object"}
+    assert canonical(a) != canonical(b)
+    assert canonical(a).index('"zeta"') < canonical(a).index('"alpha"')
+    assert canonical(a) == canonical(dict(reversed(list(a.items()))))  # other keys: any order
+
+
+def test_a_replys_properties_come_in_the_schemas_order() -> None:
+    pytest.importorskip("llama_cpp", reason="the grammar compiler converts with llama.cpp's")
+    from qwen_edge.node.grammar import grammar_for
+
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "string"}},
+        "required": ["zeta", "alpha"],
+    }
+    [root] = [line for line in grammar_for(schema).splitlines() if line.startswith("root ::=")]
+    assert root.index("zeta-kv") < root.index("alpha-kv")
