@@ -196,11 +196,18 @@ def test_context_is_kept_per_conversation_id(node: Any) -> None:
         await say(port, "and now turn it off", conversation)
 
     asyncio.run(twice())
-    done = [
-        e
-        for e in daemon.log_events()
-        if e.get("event") == "request_done" and e.get("conversation_id") == conversation
-    ]
+
+    def done_events() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in daemon.log_events()
+            if e.get("event") == "request_done" and e.get("conversation_id") == conversation
+        ]
+
+    # The answer is sent before the inference thread logs the request's end: wait for the line.
+    deadline = time.monotonic() + 30
+    while len(done := done_events()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(done) == 2
     assert done[0]["client_id"] == "wyoming-127.0.0.1"
     # The second prompt holds the first turn: its tokens are the first's and more.
