@@ -321,7 +321,9 @@ class Probe:
         return f"{PREFIX}/{node}/reply/{self.client_id}/{conversation}"
 
     def until(self, request_id: str, min_seq: int, timeout: float = 60.0) -> list[dict[str, Any]]:
-        """Read a reply's messages until one has seq >= min_seq; returns what was read."""
+        """Read a reply's messages until one has seq >= min_seq; returns what was read, and
+        keeps it for a later collect() of the same reply (which would otherwise wait its whole
+        timeout for the seqs read here)."""
         read: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while not read or read[-1].get("seq", -1) < min_seq:
@@ -330,6 +332,7 @@ class Probe:
                 read.append(data)
                 if data.get("type") in ("done", "error"):
                     break
+        self._stash.setdefault(request_id, []).extend(read)
         return read
 
     def collect(

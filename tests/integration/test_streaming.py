@@ -157,13 +157,13 @@ def test_cancel_stops_generation_with_done_cancelled(probe_factory: Any) -> None
     dev = probe_factory("canceller")
     dev.subscribe(dev.reply_topic())
     rid = dev.request("Write a very long essay about the sea.", max_tokens=2000, temperature=0.7)
-    seen = 0
-    while seen < 3:
+    read: list[dict[str, Any]] = []  # handed to collect(), which otherwise waits for them
+    while sum(m["type"] == "chunk" for m in read) < 3:
         _, data, _ = dev.next_message(timeout=60)
-        if data.get("request_id") == rid and data["type"] == "chunk":
-            seen += 1
+        if data.get("request_id") == rid:
+            read.append(data)
     dev.publish(f"{PREFIX}/{NODE}/cancel/canceller", json.dumps({"request_id": rid}))
-    msgs = dev.collect(rid)
+    msgs = dev.collect(rid, before=read)
     assert msgs[-1]["type"] == "done"
     assert msgs[-1]["finish_reason"] == "cancelled"
     assert msgs[-1]["usage"]["completion_tokens"] < 2000
