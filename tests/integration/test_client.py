@@ -175,6 +175,9 @@ def test_a_reply_missed_is_asked_for_again_with_the_same_id_and_replayed(
         reply = c.ask("Name three fruits.", max_tokens=24, temperature=0, timeout=30)
         took = time.monotonic() - began
 
+    deadline = time.monotonic() + 10  # the spy's copy of the resend may still be on its way
+    while len(spy.raw) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     sent = [json.loads(p) for _, p in spy.raw]
     assert len(sent) >= 2 and all(s == sent[0] for s in sent), sent  # same id, same request
     assert sent[0]["request_id"] == reply.request_id

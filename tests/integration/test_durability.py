@@ -100,7 +100,7 @@ def test_sigkill_mid_stream_queued_requests_are_served_and_history_survives(
         long_id = dev.request("Tell me a long story about a dragon.", max_tokens=1500, **greedy)
         follow_up = dev.request("And another one?", conversation_id="keep", max_tokens=6, **greedy)
         others = [dev.request(f"Say {w}.", conversation_id=w, max_tokens=4) for w in ("a", "b")]
-        seen = dev.until(long_id, 3, timeout=120)
+        dev.until(long_id, 3, timeout=120)  # streaming; kept in the probe for below
         deadline = time.monotonic() + 30
         while _inbox_size(tmp_path / "state") < 4:  # all four accepted and acknowledged
             assert time.monotonic() < deadline, "the daemon never accepted the queued requests"
@@ -117,7 +117,7 @@ def test_sigkill_mid_stream_queued_requests_are_served_and_history_survives(
         # The interrupted reply: what it sent before the kill, and nothing after, from either
         # process: no second start, no done, no error.
         late = [d for _, d, _ in _drain(dev, 3) if d.get("request_id") == long_id]
-        interrupted = seen + dev._stash.pop(long_id, []) + late
+        interrupted = dev._stash.pop(long_id, []) + late  # until() kept what it read
         seqs = [m["seq"] for m in interrupted]
         assert sorted(seqs) == list(range(len(seqs)))  # one stream, no repeats
         assert {m["type"] for m in interrupted} <= {"start", "chunk"}
