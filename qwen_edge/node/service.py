@@ -87,6 +87,7 @@ class Service:
         self.model_name = s.model.display_name
         self.version = package_version()
         self._stop = threading.Event()
+        self._signalled = False  # set by request_stop(), a signal handler: see there
         self._client_id = s.mqtt.client_id or f"qwen-edge-{s.node_id}"
         group = self.fleet.group if self.fleet else None
         self._link = MqttLink(
@@ -94,8 +95,7 @@ class Service:
             client_id=self._client_id,
             # Requests and cancels keep their retain flag, so retained ones are recognised.
             subscriptions=tuple(Subscription(t, True) for t in self.topics.subscriptions),
-            # Health and the intake are built on this link: its callbacks find them at call
-            # time (the link starts in run(), after both exist).
+            # Its callbacks find health and the intake at call time (it starts in run()).
             on_message=self._deliver,
             on_connected=self._on_link_connected,
             on_subscribed=lambda: self.health.announce(),  # noqa: PLW0108
@@ -117,16 +117,24 @@ class Service:
             ),
         )
         self.phase = Phase.OPENING
-        # What the main link does with a delivery: nothing until the intake exists (the link
-        # starts after it does, so this is never called), then the intake's on_message.
-        self._on_message: Callable[[Inbound], None] = self._before_intake
+        # The main link's deliveries: to the intake once it exists (the link starts after).
+        self._on_message: Callable[[Inbound], None] = _before_intake
         self._failover: Failover | None = None  # in a fleet, on joining the pool
         # One set of per-client limits for every way in: MQTT devices and Wyoming peers.
         self._limits = ClientLimits(s.limits)
         self._wyoming: WyomingServer | None = None  # [wyoming] enabled, once the model is loaded
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
-        self._stop.set()
+        """SIGTERM/SIGINT: a flag only. The handler runs in the main thread, maybe while it holds
+        the lock inside self._stop.wait(): Event.set() here could wait for it forever (cpython
+        #126434). The main thread, polling, sets the event the other threads watch."""
+        self._signalled = True
+
+    def _stopping(self, timeout: float) -> bool:
+        """Whether to stop, after waiting up to `timeout` s (main thread only)."""
+        if self._signalled:
+            self._stop.set()
+        return self._stop.wait(timeout)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -147,7 +155,8 @@ class Service:
         self._join_pool(intake)
         self._ready(began)
         self._enter(Phase.SERVING)
-        self._stop.wait()
+        while not self._stopping(0.1):
+            pass
         self._enter(Phase.DRAINING)
         self._shutdown(scheduler, inference, engine)
         state.close()
@@ -314,9 +323,9 @@ class Service:
         once it is; then the load figures."""
         self.health.announce()
         while not self.health.serving():
-            if self._stop.wait(0.05):
+            if self._stopping(0.05):
                 break
-        if not self._stop.is_set():
+        if not self._stopping(0):
             log.info("ready", seconds_to_connect=round(time.monotonic() - began, 2))
             systemd_notify.notify(
                 "READY=1", f"STATUS=serving {self.model_name} on {self.topics.base}"
@@ -362,13 +371,13 @@ class Service:
         self._on_message(msg)
 
     @staticmethod
-    def _before_intake(msg: Inbound) -> None:
-        log.warning("message_before_intake", topic=msg.topic)
-
-    @staticmethod
     def fleet_subscriptions(fleet: FleetTopics) -> tuple[Subscription, ...]:
         """Pooled requests and cancels keep their retain flag (retained ones are dropped);
         statuses do not: there it tells one delivered on subscribing (old news) from a live
         change, which is what the failover needs."""
         intake = {fleet.shared_requests, fleet.pool.cancel("+")}
         return tuple(Subscription(t, t in intake) for t in fleet.subscriptions)
+
+
+def _before_intake(msg: Inbound) -> None:
+    log.warning("message_before_intake", topic=msg.topic)

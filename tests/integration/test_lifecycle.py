@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,25 @@ def test_the_life_cycle_goes_through_its_phases_in_order(node: Any) -> None:
         ("serving", "draining"),
         ("draining", "stopped"),
     ]
+
+
+def test_a_stop_signal_never_waits_for_a_lock_the_main_thread_may_hold(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # SIGTERM's handler runs in the main thread, maybe while that thread is inside the stop
+    # event's wait() holding the event's lock: a handler that takes the lock never returns, and
+    # the node never stops (seen once in the suite: a daemon ignored SIGTERM for 60 s).
+    from qwen_edge.node.service import Service
+    from qwen_edge.settings import Settings
+
+    service = Service(Settings(node_id="n1", service={"state_dir": tmp_path}))
+    returned = threading.Event()
+    with service._stop._cond:  # held, as inside Event.wait()
+        handler = threading.Thread(target=lambda: (service.request_stop(), returned.set()))
+        handler.start()
+        assert returned.wait(5), "the signal handler waited for the stop event's lock"
+    handler.join()
+    assert service._stopping(0)  # and the main thread stops at its next look
 
 
 def test_watchdog_pings_stop_while_the_inference_loop_is_stuck(node: Any, broker: Broker) -> None:
