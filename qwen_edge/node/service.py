@@ -17,6 +17,7 @@ the failover watches). Why two: docs/protocol.md, "Fleet".
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -127,7 +128,7 @@ class Service:
     def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         """SIGTERM/SIGINT: a flag only. The handler runs in the main thread, maybe while it holds
         the lock inside self._stop.wait(): Event.set() here could wait for it forever (cpython
-        #126434). The main thread, polling, sets the event the other threads watch."""
+        #126434). The "signals" thread sets the event the other threads watch."""
         self._signalled = True
 
     def _stopping(self, timeout: float) -> bool:
@@ -137,8 +138,7 @@ class Service:
         return self._stop.wait(timeout)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        _relay_signals(self._stop, self.request_stop)
         state, conversations, intake = self._open_state()
         self._enter(Phase.LOADING)
         self._link.start()  # first, so devices see "starting" while a slow device loads
@@ -381,3 +381,20 @@ class Service:
 
 def _before_intake(msg: Inbound) -> None:
     log.warning("message_before_intake", topic=msg.topic)
+
+
+def _relay_signals(stop: threading.Event, handler: Callable[[int, FrameType | None], None]) -> None:
+    """SIGTERM and SIGINT set `stop` from a thread of their own: Python writes each signal's
+    number to a pipe (at C level, taking no lock), which the "signals" thread reads. It holds no
+    state and blocks on the pipe only, so it is a daemon thread that dies with the process."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+    def relay() -> None:
+        while os.read(read_end, 1):
+            stop.set()
+
+    threading.Thread(target=relay, name="signals", daemon=True).start()
