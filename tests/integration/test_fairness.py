@@ -95,7 +95,10 @@ def test_a_flooding_client_does_not_out_queue_the_next(daemon: Daemon, probe_fac
     before = later[:visit_start]
     ended_flood = sum(m["type"] == "done" and m["request_id"] in flooded for m in before)
     started_flood = sum(m["type"] == "start" and m["request_id"] in flooded for m in before)
-    assert started_flood <= max(ended_flood - 1, 0), before
+    # One more than that is a race of this test, not of the node: `arrived` is when the watcher
+    # saw the marker, and a slot the flooder freed before the visitor's request reached the node
+    # goes to the flooder rightly. The strict order is pinned with the fake engine (test_scheduler).
+    assert started_flood <= ended_flood, before
 
 
 def test_the_issues_schemas_are_refused_at_once_naming_the_bound(
