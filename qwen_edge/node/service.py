@@ -88,7 +88,6 @@ class Service:
         self.model_name = s.model.display_name
         self.version = package_version()
         self._stop = threading.Event()
-        self._signalled = False  # set by request_stop(), a signal handler: see there
         self._client_id = s.mqtt.client_id or f"qwen-edge-{s.node_id}"
         group = self.fleet.group if self.fleet else None
         self._link = MqttLink(
@@ -125,20 +124,8 @@ class Service:
         self._limits = ClientLimits(s.limits)
         self._wyoming: WyomingServer | None = None  # [wyoming] enabled, once the model is loaded
 
-    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
-        """SIGTERM/SIGINT: a flag only. The handler runs in the main thread, maybe while it holds
-        the lock inside self._stop.wait(): Event.set() here could wait for it forever (cpython
-        #126434). The "signals" thread sets the event the other threads watch."""
-        self._signalled = True
-
-    def _stopping(self, timeout: float) -> bool:
-        """Whether to stop, after waiting up to `timeout` s (main thread only)."""
-        if self._signalled:
-            self._stop.set()
-        return self._stop.wait(timeout)
-
     def run(self) -> int:
-        _relay_signals(self._stop, self.request_stop)
+        _relay_signals(self._stop)
         state, conversations, intake = self._open_state()
         self._enter(Phase.LOADING)
         self._link.start()  # first, so devices see "starting" while a slow device loads
@@ -155,8 +142,7 @@ class Service:
         self._join_pool(intake)
         self._ready(began)
         self._enter(Phase.SERVING)
-        while not self._stopping(0.1):
-            pass
+        self._stop.wait()
         self._enter(Phase.DRAINING)
         self._shutdown(scheduler, inference, engine)
         state.close()
@@ -323,9 +309,9 @@ class Service:
         once it is; then the load figures."""
         self.health.announce()
         while not self.health.serving():
-            if self._stopping(0.05):
+            if self._stop.wait(0.05):
                 break
-        if not self._stopping(0):
+        if not self._stop.is_set():
             log.info("ready", seconds_to_connect=round(time.monotonic() - began, 2))
             systemd_notify.notify(
                 "READY=1", f"STATUS=serving {self.model_name} on {self.topics.base}"
@@ -383,18 +369,25 @@ def _before_intake(msg: Inbound) -> None:
     log.warning("message_before_intake", topic=msg.topic)
 
 
-def _relay_signals(stop: threading.Event, handler: Callable[[int, FrameType | None], None]) -> None:
-    """SIGTERM and SIGINT set `stop` from a thread of their own: Python writes each signal's
-    number to a pipe (at C level, taking no lock), which the "signals" thread reads. It holds no
-    state and blocks on the pipe only, so it is a daemon thread that dies with the process."""
+def _relay_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop`, from a thread of their own. A handler runs in the main
+    thread between two bytecodes, maybe while it holds the lock inside stop.wait(): Event.set()
+    there could wait for that lock forever (a daemon once ignored SIGTERM; cpython #126434 is the
+    same for multiprocessing.Event). So the handler does nothing; Python writes each signal's
+    number to a pipe at C level, and the "signals" thread, which reads it, sets the event. It
+    holds no state and blocks on the pipe only: a daemon thread that dies with the process."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
+        signal.signal(signum, _on_signal)
 
     def relay() -> None:
         while os.read(read_end, 1):
             stop.set()
 
     threading.Thread(target=relay, name="signals", daemon=True).start()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Installed so that the signal neither kills the process nor raises; _relay_signals acts."""
