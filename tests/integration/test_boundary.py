@@ -132,15 +132,15 @@ def test_a_retained_request_is_not_served_on_delivery_nor_after_a_restart(
 
 
 def _slow_loading_model(tmp_path: Path) -> tuple[Path, str]:
-    """SmolLM2 followed by 1 GiB of zeros (sparse: no disk), with its SHA-256: the node reads the
-    whole file before loading, seconds during which requests arrive. llama.cpp and the GGUF
-    check ignore bytes after the last tensor."""
+    """SmolLM2 followed by 4 GiB of zeros (sparse: no disk), with its SHA-256: the node reads the
+    whole file before loading, seconds of CPU (more on a busy machine) during which requests
+    arrive. llama.cpp and the GGUF check ignore bytes after the last tensor."""
     import hashlib
 
     path = tmp_path / "slow.gguf"
     shutil.copyfile(SMOLLM, path)
     digest = hashlib.sha256(path.read_bytes())
-    pad = 1 << 30
+    pad = 4 << 30
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size + pad)
     zeros = bytes(1 << 20)
@@ -182,16 +182,22 @@ def test_requests_arriving_while_the_model_loads_are_checked_and_bounded(
         # of 5; busy beyond the 4 requests kept for the model (the first 4 of flood0).
         expected = 3 + 3 * 3 + (3 * 5 - 4)
         codes: Counter[str] = Counter()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while sum(codes.values()) < expected and time.monotonic() < deadline:
             for dev in devs:
                 try:
                     _, data, _ = dev.next_message(timeout=0.05)
                 except queue.Empty:
                     continue
-                codes[data.get("code", data["type"])] += 1
-        loaded = [e for e in node.log_events() if e.get("event") == "model_loaded"]
-        assert not loaded, f"answered only once the model was loaded: {codes}"
+                if data["type"] == "error":
+                    codes[data["code"]] += 1
+        # Answered while loading, in the node's own order of events (this process may read its
+        # messages late on a busy machine): every refusal for the full keep logged before the
+        # model was loaded.
+        events = [e.get("event") for e in node.log_events()]
+        loaded_at = events.index("model_loaded") if "model_loaded" in events else len(events)
+        refused_before = events[:loaded_at].count("request_refused")
+        assert refused_before == 11, f"answered only once the model was loaded: {events}"
         assert codes == {"too_large": 3, "rate_limited": 9, "busy": 11}
         node.notify.wait_for("READY=1")  # type: ignore[union-attr]
         for rid in sent["flood0"][:4]:
