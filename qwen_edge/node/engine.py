@@ -93,6 +93,24 @@ class Sampler:
             self._chain = None
 
 
+class GreedySampler(Sampler):
+    """Temperature 0 without a grammar: the first of the highest logits, read in place from
+    llama.cpp's logits with numpy's argmax. That is the token llama.cpp's greedy sampler picks
+    (it keeps the first maximum too), without the 151,936-entry candidate array it fills for
+    Qwen at every token (about 10x the time, scripts/profile-decode)."""
+
+    __slots__ = ("_n_vocab",)
+
+    def __init__(self, n_vocab: int, ctx: Any) -> None:
+        self._ctx = ctx
+        self._chain = None  # nothing to free
+        self._n_vocab = n_vocab
+
+    def sample(self, index: int) -> int:
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+
+
 # llama_token_data as numpy sees it: the candidates of one sampling step.
 _TOKEN_DATA: Final = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
@@ -447,6 +465,8 @@ class Engine:
         """The sampler for one request: with a grammar only when it has one, so that the others
         do no grammar work at all."""
         if params.grammar is None:
+            if params.temperature == 0:
+                return GreedySampler(self.n_vocab, self.ctx)
             return Sampler(params, self.n_vocab, self.ctx)
         return GrammarSampler(params, self.n_vocab, self.ctx, self.vocab)
 
