@@ -3,11 +3,15 @@ real model files; the CPU and memory rules also as unit tests on sample /proc te
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +43,23 @@ AUTH_USER, AUTH_PASSWORD = "qwen-edge", "right-password"  # in tests/broker/auth
 CHECKS = ["config", "broker", "credentials", "node", "model", "cpu", "memory"]
 
 
+@functools.cache
+def visible_model() -> Path:
+    """SmolLM2 where the service could read it. doctor rightly warns about a model under /home or
+    /root (ProtectHome=yes hides them from the service), and that is where a checkout lives on a
+    Pi (/home/pi/...) and in scripts/arm64-check's root (/root/...): then a copy in /tmp."""
+    resolved = SMOLLM.resolve()
+    if not (resolved.is_relative_to("/home") or resolved.is_relative_to("/root")):
+        return SMOLLM
+    where = Path(tempfile.mkdtemp(prefix="qwen-edge-doctor-"))
+    atexit.register(shutil.rmtree, where, True)
+    copy = where / SMOLLM.name
+    shutil.copyfile(SMOLLM, copy)
+    where.chmod(0o755)
+    copy.chmod(0o644)
+    return copy
+
+
 def doctor(
     broker_port: int, secrets: Path = Path("/nonexistent/secrets.env"), **env: str
 ) -> tuple[int, dict[str, dict[str, Any]], str]:
@@ -47,7 +68,7 @@ def doctor(
     full.update(
         QWEN_EDGE_MQTT__HOST="127.0.0.1",
         QWEN_EDGE_MQTT__PORT=str(broker_port),
-        QWEN_EDGE_MODEL__PATH=str(SMOLLM),
+        QWEN_EDGE_MODEL__PATH=str(visible_model()),
         QWEN_EDGE_NODE_ID=NODE,
     )
     full.update(env)
@@ -304,7 +325,7 @@ def test_bad_configuration_is_a_failed_check_not_a_crash(module_broker: Broker) 
 
 def test_text_output_prints_a_fix_line_under_each_problem(module_broker: Broker) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_EDGE_")}
-    env.update(QWEN_EDGE_MQTT__PORT=str(free_port()), QWEN_EDGE_MODEL__PATH=str(SMOLLM))
+    env.update(QWEN_EDGE_MQTT__PORT=str(free_port()), QWEN_EDGE_MODEL__PATH=str(visible_model()))
     result = subprocess.run(
         [sys.executable, "-m", "qwen_edge", "doctor"],
         capture_output=True,
