@@ -632,6 +632,16 @@ def check_memory(
     return Check("memory", Level.OK, parts)
 
 
+def is_daemon_argv(cmdline: bytes) -> bool:
+    """Whether /proc/PID/cmdline is the daemon's: `qwen-edge serve` (the unit's ExecStart) or
+    `python -m qwen_edge serve`, after whatever runs it (an interpreter, qemu-user). A pid in an
+    old status may since belong to anything, and a checkout named qwen-edge puts "qwen" in every
+    command line run from it."""
+    argv = cmdline.rstrip(b"\0").split(b"\0")
+    named = any(a == b"qwen_edge" or a.rsplit(b"/", 1)[-1] == b"qwen-edge" for a in argv)
+    return named and b"serve" in argv
+
+
 def _daemon_rss(status: Status | None) -> int:
     """Resident memory of the node's daemon if it runs on this machine (its status names its
     pid), else 0."""
@@ -645,7 +655,7 @@ def _daemon_rss(status: Status | None) -> int:
         proc_status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    if b"qwen" not in cmdline:
+    if not is_daemon_argv(cmdline):
         return 0
     match = re.search(r"^VmRSS:\s+(\d+) kB", proc_status, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else 0

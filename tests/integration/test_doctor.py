@@ -33,6 +33,7 @@ from qwen_edge.tools.doctor import (
     check_memory,
     check_node,
     cpu_flags,
+    is_daemon_argv,
     meminfo,
     read_env_file,
     unit_memory_max,
@@ -497,3 +498,22 @@ def test_node_without_status_warns_with_what_to_check() -> None:
     assert check.level is Level.WARN
     assert "no status from node 'kitchen' under qwen-edge/" in check.detail
     assert "node_id and topic_prefix" in check.fix
+
+
+@pytest.mark.parametrize(
+    ("argv", "daemon"),
+    [
+        ("/opt/qwen-edge/venv/bin/python /opt/qwen-edge/venv/bin/qwen-edge serve --config x", 1),
+        ("/usr/bin/python3 -m qwen_edge serve", 1),
+        (
+            "/usr/libexec/qemu-binfmt/aarch64-binfmt-P /v/python3 /v/python3 -m qwen_edge serve",
+            1,
+        ),
+        # Anything run from a checkout named qwen-edge (a Pi user's clone, arm64-check's root).
+        ("/home/pi/qwen-edge/.venv/bin/python -m pytest -m smoke", 0),
+        ("/home/pi/qwen-edge/.venv/bin/qwen-edge doctor", 0),
+        ("/usr/bin/python3 serve.py qwen2.5-0.5b-instruct-q4_k_m.gguf", 0),
+    ],
+)
+def test_only_the_daemons_command_line_counts_as_the_daemon(argv: str, daemon: int) -> None:
+    assert is_daemon_argv(argv.replace(" ", "\0").encode() + b"\0") is bool(daemon)
