@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import uuid
 from typing import Any
@@ -112,3 +113,27 @@ def test_a_device_session_ends_when_it_says_so(module_broker: Broker) -> None:
             got.get(timeout=1)
     finally:
         _close(again)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["connect", "connect_async"])
+def test_packets_leave_at_once_nagle_off(module_broker: Broker, background: bool) -> None:
+    """paho leaves Nagle's algorithm on: a PUBLISH written while the client's last PUBACK was
+    unacknowledged waited for the broker's delayed ACK (40 ms), which every reply's first chunk
+    paid. Every client the factory makes (the daemon's links, the client library, the tools)
+    sets TCP_NODELAY, also on a reconnect's new socket."""
+    mqtt = MqttSettings(host="127.0.0.1", port=module_broker.port)
+    client = mqttclient.new_client(mqtt, f"nd-{uuid.uuid4().hex[:8]}")
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    mqttclient.connect(client, mqtt, background=background)
+    client.loop_start()
+    try:
+        for _ in range(2):  # the first connection, then a reconnect's socket
+            assert connected.wait(10)
+            sock = client.socket()
+            assert isinstance(sock, socket.socket)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            connected.clear()
+            sock.shutdown(socket.SHUT_RDWR)  # paho reconnects
+    finally:
+        _close(client)
