@@ -65,7 +65,6 @@ N_CTX = 4096  # per slot, as the issue's memory target asks
 SLOTS = 4
 N_BATCH = 128  # the daemon's default
 HISTORY_TOKENS = 1500
-HISTORY_CONVERSATIONS = 2
 SIMD_FLAGS = (
     # x86 ("pni" is SSE3)
     *("pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
@@ -394,9 +393,7 @@ class QwenEdge:
         self.client = Client(broker.port)
         self.client.send("warm up", "warm", 4).finished.wait(300)
         self.history = Client(broker.port, "bench-history")
-        # Two: what the default model.kv_keep_mb keeps of ~1,500-token histories while cold
-        # requests hold every slot (a third is read again, docs/performance.md).
-        self.conversations = [f"hist-{i}" for i in range(HISTORY_CONVERSATIONS)]
+        self.conversations = ["hist-0", "hist-1"]
 
     def seed_history(self, tokens: int) -> None:
         """The conversations with ~`tokens` of history each, for the follow-up turns. Each
@@ -410,12 +407,17 @@ class QwenEdge:
         wait_all([single])
         four = [c.send_cold(SHORT_PROMPT, decode_n) for _ in range(4)]
         wait_all(four)
-        # A follow-up turn of each history conversation, each beside a fresh prompt, after the
-        # cold requests above took every slot: each history comes back from the KV keep store.
-        follow, fresh = [], []
+        # Each history conversation's next turn after the cold requests above took every slot
+        # (its KV comes back from the keep store, or is read again once the store dropped it:
+        # "returning"), then two more turns back to back, as a person at a kiosk chats: the
+        # ~1,500-token history stays in its slot and each turn evaluates only its own tokens.
+        returning, follow, fresh = [], [], []
         for conv in self.conversations:
-            follow.append(self.history.send(f"Which item is number {rnd}?", conv, 4))
-            wait_all(follow[-1:])
+            returning.append(self.history.send(f"Which item is number {rnd}?", conv, 4))
+            wait_all(returning[-1:])
+            for turn in (1, 2):
+                follow.append(self.history.send(f"And number {rnd + 10 * turn}?", conv, 4))
+                wait_all(follow[-1:])
             fresh.append(c.send_cold(SHORT_PROMPT, 4))
             wait_all(fresh[-1:])
         # A newcomer while 3 others stream, against the same request alone.
@@ -440,6 +442,8 @@ class QwenEdge:
             "follow_up_new_tokens": statistics.median(
                 s.prompt_tokens - s.cached_tokens for s in follow
             ),
+            "returning_first_chunk_ms": statistics.median(s.ttft_ms for s in returning),
+            "returning_cached_tokens": statistics.median(s.cached_tokens for s in returning),
             "first_chunk_alone_ms": alone.ttft_ms,
             "first_chunk_while_3_stream_ms": late.ttft_ms,
         }
@@ -649,6 +653,14 @@ TARGETS = (
         "ms",
     ),
     Target(
+        "  its 1st turn after 14 others' requests",
+        "edge.returning_first_chunk_ms",
+        "edge.fresh_first_chunk_ms",
+        None,
+        False,
+        "ms",
+    ),
+    Target(
         "newcomer's 1st chunk while 3 stream vs alone",
         "edge.first_chunk_while_3_stream_ms",
         "edge.first_chunk_alone_ms",
@@ -822,7 +834,8 @@ def print_report(result: dict[str, Any]) -> None:
         f"{fmt(e['single_first_chunk_ms'])} ms; follow-up reused "
         f"{e['follow_up_cached_tokens']['median']:.0f} of "
         f"{e['follow_up_prompt_tokens']['median']:.0f} prompt tokens, evaluated "
-        f"{e['follow_up_new_tokens']['median']:.0f} (history asked: "
+        f"{e['follow_up_new_tokens']['median']:.0f}; after others' requests "
+        f"{e['returning_cached_tokens']['median']:.0f} reused (history asked: "
         f"~{result['history_tokens']})"
     )
     if "peer" in f:

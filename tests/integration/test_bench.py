@@ -56,7 +56,7 @@ def test_quick_bench_reports_every_figure_over_three_rounds(tmp_path: Path) -> N
         assert r["ceiling"]["follow_up_first_token_ms"] > 0
     names = {t["name"] for t in report["targets"]}
     # Without the peer, its rows are missing, and only they.
-    assert len(names) == len(TARGETS) - sum("peer." in t.reference for t in TARGETS) == 6
+    assert len(names) == len(TARGETS) - sum("peer." in t.reference for t in TARGETS) == 7
     assert report["peak_rss_mb"] > report["model_mb"]
     assert report["machine"]["cpu"] and "llama_cpp" in report["machine"]
     assert "single-stream decode vs low-level loop" in stdout
