@@ -111,7 +111,7 @@ def cpu_info() -> dict[str, Any]:
 
 class Ceiling:
     """The model in this process through llama.cpp's low-level API, in a context shaped as the
-    daemon's (SLOTS sequences of N_CTX, flash attention, n_batch 128, non-unified KV): the
+    daemon's (SLOTS sequences of N_CTX, flash attention, n_batch 128, non-unified q8_0 KV): the
     speed qwen-edge would have with no overhead of its own. Greedy sampling, no server, no
     Python per token beyond the loop itself."""
 
@@ -138,6 +138,7 @@ class Ceiling:
         p.n_threads = p.n_threads_batch = threads
         p.no_perf = True
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.type_k = p.type_v = llama_cpp.GGML_TYPE_Q8_0  # the daemon's model.kv_cache_type
         self.ctx = llama_cpp.llama_init_from_model(self.model, p)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.smpl = llama_cpp.llama_sampler_chain_init(
@@ -517,6 +518,7 @@ class Peer:
                 *(str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port)),
                 *("--parallel", str(SLOTS), "-c", str(N_CTX * SLOTS), "-b", str(N_BATCH)),
                 *("-t", str(threads), "-tb", str(threads), "--flash-attn", "on", "--no-webui"),
+                *("--cache-type-k", "q8_0", "--cache-type-v", "q8_0"),  # as the daemon's KV
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
