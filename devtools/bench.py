@@ -138,8 +138,17 @@ class Ceiling:
         p.n_threads = p.n_threads_batch = threads
         p.no_perf = True
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        p.type_k = p.type_v = llama_cpp.GGML_TYPE_Q8_0  # the daemon's model.kv_cache_type
+        # The daemon's KV cache: q8_0 (model.kv_cache_type), or F16 where llama.cpp cannot
+        # quantise it (heads not a multiple of 32 wide: the tiny test model), as it falls back.
+        self.kv_type = "q8_0"
+        p.type_k = p.type_v = llama_cpp.GGML_TYPE_Q8_0
         self.ctx = llama_cpp.llama_init_from_model(self.model, p)
+        if not self.ctx:
+            self.kv_type = "f16"
+            p.type_k = p.type_v = llama_cpp.GGML_TYPE_F16
+            self.ctx = llama_cpp.llama_init_from_model(self.model, p)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {model}")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.smpl = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
@@ -511,14 +520,14 @@ def sse_stream(port: int, prompt: str, max_tokens: int, result: dict[str, Any]) 
 class Peer:
     """`llama-server --parallel 4` on the same model, threads and context per slot."""
 
-    def __init__(self, binary: Path, model: Path, threads: int) -> None:
+    def __init__(self, binary: Path, model: Path, threads: int, kv_type: str) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
                 *(str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port)),
                 *("--parallel", str(SLOTS), "-c", str(N_CTX * SLOTS), "-b", str(N_BATCH)),
                 *("-t", str(threads), "-tb", str(threads), "--flash-attn", "on", "--no-webui"),
-                *("--cache-type-k", "q8_0", "--cache-type-v", "q8_0"),  # as the daemon's KV
+                *("--cache-type-k", kv_type, "--cache-type-v", kv_type),  # the daemon's KV
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -743,7 +752,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             edge = QwenEdge(broker, Path(tmp) / "daemon", model, args.threads)
             ready_s = edge.daemon.ready_s
             edge.seed_history(history_tokens)
-            peer = Peer(binary, model, args.threads) if binary is not None else None
+            peer = None
+            if binary is not None:
+                peer = Peer(binary, model, args.threads, ceiling.kv_type)
             prefill = ceiling.prefill(128 if args.quick else 512)
             for rnd in range(args.rounds):
                 r: dict[str, dict[str, float]] = {}
