@@ -97,7 +97,7 @@ class GreedySampler(Sampler):
     """Temperature 0 without a grammar: the first of the highest logits, read in place from
     llama.cpp's logits with numpy's argmax. That is the token llama.cpp's greedy sampler picks
     (it keeps the first maximum too), without the 151,936-entry candidate array it fills for
-    Qwen at every token (about 10x the time, scripts/profile-decode)."""
+    Qwen at every token: 9 us instead of 103 us on one EPYC core (docs/performance.md)."""
 
     __slots__ = ("_n_vocab",)
 
