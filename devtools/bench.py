@@ -664,7 +664,7 @@ TARGETS = (
         "ms",
     ),
     Target(
-        "  its 1st turn after 14 others' requests",
+        "  its 1st turn after 12 others' requests",
         "edge.returning_first_chunk_ms",
         "edge.fresh_first_chunk_ms",
         None,
