@@ -517,3 +517,16 @@ def test_node_without_status_warns_with_what_to_check() -> None:
 )
 def test_only_the_daemons_command_line_counts_as_the_daemon(argv: str, daemon: int) -> None:
     assert is_daemon_argv(argv.replace(" ", "\0").encode() + b"\0") is bool(daemon)
+
+
+def test_a_process_run_from_a_qwen_edge_checkout_is_not_taken_for_the_daemon() -> None:
+    """What arm64-check's smoke run hit: pytest in /root/qwen-edge-CPU counted as the daemon."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "/home/pi/qwen-edge/x", "serve"]
+    )
+    try:
+        time.sleep(0.2)
+        assert _daemon_rss(Status(state="online", pid=other.pid)) == 0
+    finally:
+        other.kill()
+        other.wait()
